@@ -1,0 +1,342 @@
+//! The catalog: tables and views, their ids, columns and keys.
+//!
+//! Entries are persisted in RocksDB's system keyspace (see
+//! [`crate::state::store`]) as JSON, keyed by object id, and loaded into
+//! memory at startup. Every DDL change is one RocksDB `WriteBatch` (for
+//! `DROP TABLE` that batch also deletes the table's rows), so the catalog and
+//! the data can never disagree after a crash.
+//!
+//! The catalog knows nothing of DataFusion's table providers; `query`
+//! exposes it to DataFusion as a `SchemaProvider`.
+
+pub mod types;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::logical_expr::LogicalPlan;
+use parking_lot::RwLock;
+use rocksdb::WriteBatch;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::state::encoding::table_prefix;
+use crate::state::store::{prefix_end, sys_key, Store, SYS_CATALOG, SYS_META, SYS_ROWID};
+use types::SqlType;
+
+/// First id handed to user objects; ids below are reserved for the system.
+const FIRST_USER_ID: u32 = 1000;
+
+/// A column of a table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColumnDef {
+    /// Column name (lower-cased unless quoted).
+    pub name: String,
+    /// Declared type.
+    pub ty: SqlType,
+    /// Whether NULL is allowed (false for NOT NULL and primary-key columns).
+    pub nullable: bool,
+}
+
+/// A durable table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableDef {
+    /// Object id; also the key prefix of the table's rows.
+    pub id: u32,
+    /// Table name.
+    pub name: String,
+    /// Columns in order.
+    pub columns: Vec<ColumnDef>,
+    /// Indexes of the primary-key columns; empty means rows are keyed by a
+    /// hidden row id.
+    pub primary_key: Vec<usize>,
+}
+
+/// A (non-materialized) view: a named query, expanded at planning time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ViewDef {
+    /// Object id.
+    pub id: u32,
+    /// View name.
+    pub name: String,
+    /// The defining `SELECT`, as text; re-planned at startup.
+    pub sql: String,
+    /// Names of the relations the query reads (for DROP … CASCADE).
+    pub depends_on: Vec<String>,
+}
+
+/// What the catalog persists per object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CatalogEntry {
+    /// A table.
+    Table(TableDef),
+    /// A view.
+    View(ViewDef),
+}
+
+impl CatalogEntry {
+    fn id(&self) -> u32 {
+        match self {
+            CatalogEntry::Table(t) => t.id,
+            CatalogEntry::View(v) => v.id,
+        }
+    }
+}
+
+/// A table as the engine uses it: definition, Arrow schema, row-id counter.
+#[derive(Debug)]
+pub struct Table {
+    /// The persisted definition.
+    pub def: TableDef,
+    /// Arrow schema of the table's rows.
+    pub schema: SchemaRef,
+    /// Next hidden row id (tables without a primary key).
+    next_row_id: AtomicU64,
+}
+
+impl Table {
+    fn new(def: TableDef, next_row_id: u64) -> Table {
+        let fields: Vec<Field> = def
+            .columns
+            .iter()
+            .map(|c| Field::new(&c.name, c.ty.arrow_type(), c.nullable))
+            .collect();
+        Table {
+            schema: Arc::new(Schema::new(fields)),
+            def,
+            next_row_id: AtomicU64::new(next_row_id),
+        }
+    }
+
+    /// Column types in order.
+    pub fn types(&self) -> Vec<SqlType> {
+        self.def.columns.iter().map(|c| c.ty.clone()).collect()
+    }
+
+    /// Reserves `n` hidden row ids and stages the new counter in `batch`.
+    /// Callers hold the engine's writer lock, so reservations never overlap.
+    pub fn reserve_row_ids(&self, n: u64, batch: &mut WriteBatch) -> u64 {
+        let first = self.next_row_id.fetch_add(n, Ordering::SeqCst);
+        batch.put(
+            sys_key(SYS_ROWID, &self.def.id.to_be_bytes()),
+            (first + n).to_be_bytes(),
+        );
+        first
+    }
+
+    /// The primary-key constraint name PostgreSQL would use.
+    pub fn pkey_name(&self) -> String {
+        format!("{}_pkey", self.def.name)
+    }
+}
+
+/// A view as the engine uses it: definition and its planned query.
+#[derive(Debug)]
+pub struct View {
+    /// The persisted definition.
+    pub def: ViewDef,
+    /// The planned defining query.
+    pub plan: LogicalPlan,
+}
+
+/// A relation found by name.
+#[derive(Debug, Clone)]
+pub enum Relation {
+    /// A table.
+    Table(Arc<Table>),
+    /// A view.
+    View(Arc<View>),
+}
+
+#[derive(Default)]
+struct State {
+    tables: BTreeMap<String, Arc<Table>>,
+    views: BTreeMap<String, Arc<View>>,
+    next_id: u32,
+}
+
+/// The in-memory catalog, backed by the store.
+pub struct Catalog {
+    store: Arc<Store>,
+    state: RwLock<State>,
+}
+
+impl Catalog {
+    /// Loads the catalog from the store. Views are returned, in creation
+    /// order, for the caller to re-plan and [`Catalog::restore_view`].
+    pub fn load(store: Arc<Store>) -> Result<(Catalog, Vec<ViewDef>)> {
+        let mut state = State {
+            next_id: FIRST_USER_ID,
+            ..Default::default()
+        };
+        if let Some(v) = store.get(&sys_key(SYS_META, b"next_object_id"))? {
+            let bytes: [u8; 4] = v
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::Storage("corrupt next_object_id".into()))?;
+            state.next_id = u32::from_be_bytes(bytes);
+        }
+        let mut entries = Vec::new();
+        store.scan_prefix(&sys_key(SYS_CATALOG, &[]), |_, v| {
+            let e: CatalogEntry = serde_json::from_slice(v)
+                .map_err(|e| Error::Storage(format!("corrupt catalog entry: {e}")))?;
+            entries.push(e);
+            Ok(true)
+        })?;
+        entries.sort_by_key(|e| e.id());
+        let mut views = Vec::new();
+        for e in entries {
+            match e {
+                CatalogEntry::Table(def) => {
+                    let next = match store.get(&sys_key(SYS_ROWID, &def.id.to_be_bytes()))? {
+                        Some(v) => u64::from_be_bytes(
+                            v.as_slice()
+                                .try_into()
+                                .map_err(|_| Error::Storage("corrupt row id counter".into()))?,
+                        ),
+                        None => 0,
+                    };
+                    state
+                        .tables
+                        .insert(def.name.clone(), Arc::new(Table::new(def, next)));
+                }
+                CatalogEntry::View(def) => views.push(def),
+            }
+        }
+        Ok((
+            Catalog {
+                store,
+                state: RwLock::new(state),
+            },
+            views,
+        ))
+    }
+
+    /// Looks a relation up by name.
+    pub fn get(&self, name: &str) -> Option<Relation> {
+        let s = self.state.read();
+        if let Some(t) = s.tables.get(name) {
+            return Some(Relation::Table(t.clone()));
+        }
+        s.views.get(name).map(|v| Relation::View(v.clone()))
+    }
+
+    /// Looks a table up by name.
+    pub fn table(&self, name: &str) -> Option<Arc<Table>> {
+        self.state.read().tables.get(name).cloned()
+    }
+
+    /// Names of all relations, sorted.
+    pub fn relation_names(&self) -> Vec<String> {
+        let s = self.state.read();
+        let mut names: Vec<String> = s.tables.keys().chain(s.views.keys()).cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Names of all tables, sorted.
+    pub fn table_names(&self) -> Vec<String> {
+        self.state.read().tables.keys().cloned().collect()
+    }
+
+    /// Names of all views, sorted.
+    pub fn view_names(&self) -> Vec<String> {
+        self.state.read().views.keys().cloned().collect()
+    }
+
+    /// Views that read `name` directly.
+    pub fn dependents(&self, name: &str) -> Vec<String> {
+        self.state
+            .read()
+            .views
+            .values()
+            .filter(|v| v.def.depends_on.iter().any(|d| d == name))
+            .map(|v| v.def.name.clone())
+            .collect()
+    }
+
+    fn allocate_id(state: &mut State, batch: &mut WriteBatch) -> u32 {
+        let id = state.next_id;
+        state.next_id += 1;
+        batch.put(
+            sys_key(SYS_META, b"next_object_id"),
+            state.next_id.to_be_bytes(),
+        );
+        id
+    }
+
+    fn ensure_free(state: &State, name: &str) -> Result<()> {
+        if state.tables.contains_key(name) || state.views.contains_key(name) {
+            return Err(Error::DuplicateObject(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Creates a table; `def.id` is assigned here.
+    pub fn create_table(&self, mut def: TableDef) -> Result<Arc<Table>> {
+        let mut state = self.state.write();
+        Self::ensure_free(&state, &def.name)?;
+        let mut batch = WriteBatch::default();
+        def.id = Self::allocate_id(&mut state, &mut batch);
+        put_entry(&mut batch, &CatalogEntry::Table(def.clone()))?;
+        self.store.write(batch)?;
+        let table = Arc::new(Table::new(def, 0));
+        state.tables.insert(table.def.name.clone(), table.clone());
+        Ok(table)
+    }
+
+    /// Creates a view from its planned query; `def.id` is assigned here.
+    pub fn create_view(&self, mut def: ViewDef, plan: LogicalPlan) -> Result<()> {
+        let mut state = self.state.write();
+        Self::ensure_free(&state, &def.name)?;
+        let mut batch = WriteBatch::default();
+        def.id = Self::allocate_id(&mut state, &mut batch);
+        put_entry(&mut batch, &CatalogEntry::View(def.clone()))?;
+        self.store.write(batch)?;
+        state
+            .views
+            .insert(def.name.clone(), Arc::new(View { def, plan }));
+        Ok(())
+    }
+
+    /// Re-registers a view loaded at startup.
+    pub fn restore_view(&self, def: ViewDef, plan: LogicalPlan) {
+        self.state
+            .write()
+            .views
+            .insert(def.name.clone(), Arc::new(View { def, plan }));
+    }
+
+    /// Drops relations (already checked for dependents by the caller) in one
+    /// atomic batch, deleting table rows with them.
+    pub fn drop_relations(&self, names: &[String]) -> Result<()> {
+        let mut state = self.state.write();
+        let mut batch = WriteBatch::default();
+        for name in names {
+            if let Some(t) = state.tables.get(name) {
+                let id = t.def.id;
+                batch.delete(sys_key(SYS_CATALOG, &id.to_be_bytes()));
+                batch.delete(sys_key(SYS_ROWID, &id.to_be_bytes()));
+                let prefix = table_prefix(id);
+                batch.delete_range(prefix.to_vec(), prefix_end(&prefix));
+            } else if let Some(v) = state.views.get(name) {
+                batch.delete(sys_key(SYS_CATALOG, &v.def.id.to_be_bytes()));
+            }
+        }
+        self.store.write(batch)?;
+        for name in names {
+            state.tables.remove(name);
+            state.views.remove(name);
+        }
+        Ok(())
+    }
+}
+
+fn put_entry(batch: &mut WriteBatch, entry: &CatalogEntry) -> Result<()> {
+    let json = serde_json::to_vec(entry).map_err(|e| Error::Internal(e.to_string()))?;
+    batch.put(sys_key(SYS_CATALOG, &entry.id().to_be_bytes()), json);
+    Ok(())
+}

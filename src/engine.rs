@@ -1,0 +1,187 @@
+//! The engine: everything shared by all sessions.
+//!
+//! [`Engine`] owns the RocksDB [`Store`], the [`Catalog`], the DataFusion
+//! `SessionContext` that plans and runs queries against them, and the
+//! **commit path**: every write to a table, from any statement, ends in
+//! [`Engine::commit`], which applies one RocksDB `WriteBatch` and then
+//! publishes the statement's [`TableChange`]s (change batches) on the change
+//! feed that incrementally maintained views consume.
+//!
+//! Concurrency: writers are serialized by [`Engine::writer`] (a statement
+//! holds it from reading the rows it changes to its commit, so UPDATEs never
+//! lose each other's effects). Readers take [`Engine::snapshot`] while their
+//! scans read RocksDB; a commit takes the same lock exclusively for the
+//! instant of its `WriteBatch`, so one statement never sees half of another's
+//! writes, even across tables.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::common::ScalarValue;
+use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::{create_udf, ColumnarValue, LogicalPlan, Volatility};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast;
+use datafusion_pg_catalog::pg_catalog::{context::EmptyContextProvider, setup_pg_catalog};
+use rocksdb::WriteBatch;
+use tokio::sync::{broadcast, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::dataflow::TableChange;
+use crate::error::{Error, Result};
+use crate::query::SluiceSchema;
+use crate::state::Store;
+
+/// DataFusion catalog name (what `current_database()` returns).
+pub const DATABASE: &str = "sluice";
+/// The schema user objects live in.
+pub const SCHEMA: &str = "public";
+
+/// Text of `SELECT version()`.
+pub fn version_string() -> String {
+    format!(
+        "PostgreSQL 15.0 (Sluice {}) on x86_64-pc-linux-gnu, an embedded streaming SQL engine",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Shared engine state.
+pub struct Engine {
+    /// Configuration it was opened with.
+    pub config: Config,
+    /// The RocksDB store.
+    pub store: Arc<Store>,
+    /// Tables and views.
+    pub catalog: Arc<Catalog>,
+    ctx: SessionContext,
+    writer: Mutex<()>,
+    snapshot: RwLock<()>,
+    change_feed: broadcast::Sender<Arc<TableChange>>,
+}
+
+impl Engine {
+    /// Opens the data directory and prepares DataFusion.
+    pub fn open(config: Config) -> Result<Arc<Engine>> {
+        let store = Arc::new(Store::open(&config.data_dir, config.fsync)?);
+        let (catalog, views) = Catalog::load(store.clone())?;
+        let catalog = Arc::new(catalog);
+
+        let session_config = SessionConfig::new()
+            .with_default_catalog_and_schema(DATABASE, SCHEMA)
+            .with_information_schema(true)
+            .set_str("datafusion.sql_parser.dialect", "PostgreSQL")
+            .set_bool("datafusion.execution.parquet.pushdown_filters", false)
+            .with_target_partitions(2);
+        let ctx = SessionContext::new_with_config(session_config);
+        let schema = Arc::new(SluiceSchema::new(catalog.clone(), store.clone()));
+        ctx.catalog(DATABASE)
+            .ok_or_else(|| Error::Internal("default catalog missing".into()))?
+            .register_schema(SCHEMA, schema)?;
+        setup_pg_catalog(&ctx, DATABASE, EmptyContextProvider)
+            .map_err(|e| Error::Internal(format!("pg_catalog setup failed: {e}")))?;
+        let version = version_string();
+        ctx.register_udf(create_udf(
+            "version",
+            vec![],
+            DataType::Utf8,
+            Volatility::Immutable,
+            Arc::new(move |_| {
+                Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(
+                    version.clone(),
+                ))))
+            }),
+        ));
+
+        let (change_feed, _) = broadcast::channel(1024);
+        let engine = Arc::new(Engine {
+            config,
+            store,
+            catalog,
+            ctx,
+            writer: Mutex::new(()),
+            snapshot: RwLock::new(()),
+            change_feed,
+        });
+        // Views are stored as SQL and re-planned in creation order, which is
+        // a valid dependency order (a view can only read older relations).
+        for def in views {
+            let plan = engine.plan_view_sql(&def.sql)?;
+            engine.catalog.restore_view(def, plan);
+        }
+        Ok(engine)
+    }
+
+    /// A fresh DataFusion session state for one statement.
+    pub fn state(&self) -> SessionState {
+        self.ctx.state()
+    }
+
+    /// Plans a parsed statement with DataFusion.
+    pub async fn plan(&self, stmt: &ast::Statement) -> Result<LogicalPlan> {
+        let state = self.state();
+        Ok(state
+            .statement_to_plan(DfStatement::Statement(Box::new(stmt.clone())))
+            .await?)
+    }
+
+    fn plan_view_sql(&self, sql: &str) -> Result<LogicalPlan> {
+        let stmts = crate::sql::parse(sql)?;
+        let [ast::Statement::Query(q)] = stmts.as_slice() else {
+            return Err(Error::Internal(format!(
+                "stored view is not a query: {sql}"
+            )));
+        };
+        let stmt = ast::Statement::Query(q.clone());
+        // Views are planned synchronously at startup: DataFusion's planner
+        // only awaits table resolution, which is in-memory here.
+        futures::executor::block_on(self.plan(&stmt))
+    }
+
+    /// Runs a (non-DML) plan to completion under a consistent snapshot.
+    pub async fn run_plan(&self, plan: &LogicalPlan) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let state = self.state();
+        let physical = {
+            // Table scans read RocksDB while the physical plan is built.
+            let _snapshot = self.snapshot().await;
+            state.create_physical_plan(plan).await?
+        };
+        let schema = physical.schema();
+        let batches = datafusion::physical_plan::collect(physical, state.task_ctx()).await?;
+        Ok((schema, batches))
+    }
+
+    /// Serializes writers: hold the guard from reading the rows a statement
+    /// changes until its [`Engine::commit`] returns.
+    pub async fn writer(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock().await
+    }
+
+    /// Excludes commits while held: reads under it see one committed state.
+    pub async fn snapshot(&self) -> RwLockReadGuard<'_, ()> {
+        self.snapshot.read().await
+    }
+
+    /// The commit path: applies `batch` atomically and durably, then
+    /// publishes `changes` to the change feed.
+    pub async fn commit(&self, batch: WriteBatch, changes: Vec<TableChange>) -> Result<()> {
+        {
+            let _exclusive = self.snapshot.write().await;
+            self.store.write(batch)?;
+        }
+        for c in changes {
+            if !c.changes.is_empty() {
+                // No subscribers is fine: nothing maintains this table yet.
+                let _ = self.change_feed.send(Arc::new(c));
+            }
+        }
+        Ok(())
+    }
+
+    /// Subscribes to the change batches of every committed write.
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<Arc<TableChange>> {
+        self.change_feed.subscribe()
+    }
+}

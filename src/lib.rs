@@ -1,0 +1,69 @@
+//! # Sluice
+//!
+//! An embedded streaming SQL engine: one binary that speaks the PostgreSQL
+//! wire protocol, stores tables in RocksDB and answers SQL through Apache
+//! DataFusion. (Materialized views, Kafka sources and sinks build on exactly
+//! these layers; see `docs/ARCHITECTURE.md`.)
+//!
+//! ## Layers
+//!
+//! Data flows one way; no module imports one above it:
+//!
+//! ```text
+//! server (pgwire) → session → sql (one handler per statement) → engine
+//!                                                   ├─ catalog   (tables, views; in RocksDB)
+//!                                                   ├─ query     (DataFusion TableProviders)
+//!                                                   ├─ dataflow  (change batches)
+//!                                                   └─ state     (RocksDB store, key encoding)
+//! ```
+//!
+//! ## Life of a SELECT
+//!
+//! `psql` sends `SELECT name FROM users WHERE id = 7`:
+//!
+//! 1. [`server::serve`] accepted the connection and handed the socket to
+//!    pgwire's `process_socket` with our [`server::handler::Handlers`].
+//! 2. pgwire decodes the Query message and calls
+//!    `SimpleQueryHandler::do_query` on [`server::handler::Backend`], which
+//!    parses the text with [`sql::parse`] (DataFusion's sqlparser,
+//!    PostgreSQL dialect).
+//! 3. [`sql::prepare`] plans the statement with DataFusion
+//!    ([`engine::Engine::plan`]); the `users` name resolves through
+//!    [`query::SluiceSchema`] (the catalog) to a [`query::StoredTable`].
+//!    PostgreSQL column names (`?column?`, `count`) are derived from the AST
+//!    by [`sql::select::pg_column_names`].
+//! 4. [`session::Session::execute`] → [`sql::execute`] → [`sql::select::run`]
+//!    → [`engine::Engine::run_plan`], which takes a read snapshot
+//!    ([`engine::Engine::snapshot`]) while DataFusion builds the physical
+//!    plan: [`query::StoredTable`]'s `scan` sees `id = 7` pins the primary
+//!    key and does one RocksDB `multi_get` instead of a table scan, decoding
+//!    rows with [`state::encoding::decode_row`].
+//! 5. The batches come back as [`sql::Outcome::Rows`]; the handler encodes
+//!    them with `arrow-pg` (text or binary per column) and pgwire sends
+//!    RowDescription, DataRows and `SELECT 1`.
+//!
+//! ## Life of an INSERT
+//!
+//! Steps 1–3 as above, except DataFusion's plan is a `LogicalPlan::Dml`.
+//! [`sql::dml::execute`] takes the writer lock, runs only the DML's input
+//! (the rows, already cast to the column types), checks NOT NULL and the
+//! primary key, encodes keys and rows ([`state::encoding`]), and calls
+//! [`engine::Engine::commit`]: one RocksDB `WriteBatch` (durable before the
+//! client hears `INSERT 0 n`) followed by a [`dataflow::ChangeBatch`] on the
+//! change feed.
+//!
+//! Errors are one typed enum, [`error::Error`]; SQLSTATEs are assigned only
+//! at the wire, in [`server::errors`].
+
+#![warn(missing_docs)]
+
+pub mod catalog;
+pub mod config;
+pub mod dataflow;
+pub mod engine;
+pub mod error;
+pub mod query;
+pub mod server;
+pub mod session;
+pub mod sql;
+pub mod state;

@@ -1,0 +1,265 @@
+//! [`StoredTable`]: a DataFusion `TableProvider` over a table's rows in RocksDB.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{ArrayRef, RecordBatch};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::{Column, ScalarValue};
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::error::Result as DfResult;
+use datafusion::logical_expr::{
+    BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType,
+};
+use datafusion::physical_plan::ExecutionPlan;
+
+use crate::catalog::types::SqlType;
+use crate::catalog::Table;
+use crate::error::{Error, Result};
+use crate::state::encoding::{decode_row, encode_value, table_prefix};
+use crate::state::Store;
+
+/// Rows per Arrow batch produced by a scan.
+const SCAN_BATCH_ROWS: usize = 8192;
+/// Above this many key combinations a lookup falls back to a scan.
+const MAX_POINT_KEYS: usize = 4096;
+
+/// A durable table as DataFusion sees it.
+#[derive(Debug)]
+pub struct StoredTable {
+    table: Arc<Table>,
+    store: Arc<Store>,
+}
+
+impl StoredTable {
+    /// Wraps a catalog table.
+    pub fn new(table: Arc<Table>, store: Arc<Store>) -> Self {
+        StoredTable { table, store }
+    }
+
+    /// The primary keys selected by `filters`, if they pin down every
+    /// primary-key column to a finite set of literals.
+    fn point_keys(&self, filters: &[Expr]) -> Option<Vec<Vec<u8>>> {
+        let pk = &self.table.def.primary_key;
+        if pk.is_empty() {
+            return None;
+        }
+        let mut pinned: HashMap<usize, Vec<ScalarValue>> = HashMap::new();
+        for f in filters {
+            for conj in split_conjunction(f) {
+                if let Some(((col, casted), values)) = equality_values(conj) {
+                    if let Some(idx) = self.column_index(&col) {
+                        let int_column = matches!(
+                            self.table.def.columns[idx].ty,
+                            SqlType::Int2 | SqlType::Int4 | SqlType::Int8
+                        );
+                        if pk.contains(&idx) && (!casted || int_column) {
+                            // Two predicates on one column: intersect.
+                            let entry = pinned.entry(idx).or_insert_with(|| values.clone());
+                            entry.retain(|v| values.contains(v));
+                        }
+                    }
+                }
+            }
+        }
+        let mut keys: Vec<Vec<u8>> = vec![table_prefix(self.table.def.id).to_vec()];
+        for &idx in pk {
+            let values = pinned.get(&idx)?;
+            let col = &self.table.def.columns[idx];
+            let target = col.ty.arrow_type();
+            let mut next = Vec::new();
+            for k in &keys {
+                for v in values {
+                    // A literal that does not fit the column type matches no row.
+                    let Ok(v) = v.cast_to(&target) else { continue };
+                    if v.is_null() {
+                        continue;
+                    }
+                    let mut key = k.clone();
+                    encode_value(&mut key, &col.ty, &v).ok()?;
+                    next.push(key);
+                }
+            }
+            if next.len() > MAX_POINT_KEYS {
+                return None;
+            }
+            keys = next;
+        }
+        keys.sort();
+        keys.dedup();
+        Some(keys)
+    }
+
+    fn column_index(&self, col: &Column) -> Option<usize> {
+        self.table
+            .def
+            .columns
+            .iter()
+            .position(|c| c.name == col.name)
+    }
+
+    /// Reads the rows selected by `filters` (all rows if they select no
+    /// point keys), at most `limit` when there are no filters.
+    pub fn read(&self, filters: &[Expr], limit: Option<usize>) -> Result<Vec<RecordBatch>> {
+        let types = self.table.types();
+        let mut rows: Vec<Vec<ScalarValue>> = Vec::new();
+        let mut batches = Vec::new();
+        match self.point_keys(filters) {
+            Some(keys) => {
+                for v in self.store.multi_get(&keys)?.into_iter().flatten() {
+                    rows.push(decode_row(&v, &types)?);
+                }
+            }
+            None => {
+                let limit = if filters.is_empty() { limit } else { None };
+                let mut n = 0usize;
+                self.store
+                    .scan_prefix(&table_prefix(self.table.def.id), |_, v| {
+                        rows.push(decode_row(v, &types)?);
+                        n += 1;
+                        if rows.len() >= SCAN_BATCH_ROWS {
+                            batches.push(self.to_batch(std::mem::take(&mut rows))?);
+                        }
+                        Ok(limit.is_none_or(|l| n < l))
+                    })?;
+            }
+        }
+        if !rows.is_empty() || batches.is_empty() {
+            batches.push(self.to_batch(rows)?);
+        }
+        Ok(batches)
+    }
+
+    fn to_batch(&self, rows: Vec<Vec<ScalarValue>>) -> Result<RecordBatch> {
+        rows_to_batch(&self.table.schema, rows)
+    }
+}
+
+/// Builds a batch of `schema` from rows of scalars.
+pub fn rows_to_batch(schema: &SchemaRef, rows: Vec<Vec<ScalarValue>>) -> Result<RecordBatch> {
+    let ncols = schema.fields().len();
+    if rows.is_empty() {
+        return Ok(RecordBatch::new_empty(schema.clone()));
+    }
+    let mut columns: Vec<Vec<ScalarValue>> =
+        (0..ncols).map(|_| Vec::with_capacity(rows.len())).collect();
+    for row in rows {
+        for (i, v) in row.into_iter().enumerate() {
+            columns[i].push(v);
+        }
+    }
+    let arrays: Vec<ArrayRef> = columns
+        .into_iter()
+        .zip(schema.fields())
+        .map(|(vals, f)| {
+            ScalarValue::iter_to_array(vals)
+                .and_then(|a| {
+                    if a.data_type() == f.data_type() {
+                        Ok(a)
+                    } else {
+                        Ok(datafusion::arrow::compute::cast(&a, f.data_type())?)
+                    }
+                })
+                .map_err(Error::from)
+        })
+        .collect::<Result<_>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), arrays)?)
+}
+
+fn split_conjunction(e: &Expr) -> Vec<&Expr> {
+    match e {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::And,
+            right,
+        }) => {
+            let mut v = split_conjunction(left);
+            v.extend(split_conjunction(right));
+            v
+        }
+        other => vec![other],
+    }
+}
+
+/// `col = lit`, `lit = col`, `col IN (lits)` → (col, values).
+fn equality_values(e: &Expr) -> Option<((Column, bool), Vec<ScalarValue>)> {
+    match e {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Eq,
+            right,
+        }) => match (left.as_ref(), right.as_ref()) {
+            (c, Expr::Literal(v, _)) | (Expr::Literal(v, _), c) => {
+                Some((key_column(c)?, vec![v.clone()]))
+            }
+            _ => None,
+        },
+        Expr::InList(il) if !il.negated => {
+            let c = key_column(&il.expr)?;
+            let mut vals = Vec::new();
+            for item in &il.list {
+                match item {
+                    Expr::Literal(v, _) => vals.push(v.clone()),
+                    _ => return None,
+                }
+            }
+            Some((c, vals))
+        }
+        _ => None,
+    }
+}
+
+/// The column of a key predicate's column side. A cast is accepted only when
+/// it widens an integer column (`CAST(int4_col AS BIGINT)`), which is
+/// injective, so equality on the cast value is equality on the column; any
+/// other cast (`CAST(text_col AS INT)`: '05' and '5' both equal 5) forces a
+/// scan. The filter is re-applied above the lookup either way.
+fn key_column(e: &Expr) -> Option<(Column, bool)> {
+    use datafusion::arrow::datatypes::DataType as D;
+    match e {
+        Expr::Column(c) => Some((c.clone(), false)),
+        Expr::Cast(cast) => match (cast.expr.as_ref(), cast.field.data_type()) {
+            (Expr::Column(c), D::Int16 | D::Int32 | D::Int64 | D::Float64 | D::Decimal128(..)) => {
+                Some((c.clone(), true))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl TableProvider for StoredTable {
+    fn schema(&self) -> SchemaRef {
+        self.table.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        // Inexact: we use the filters to pick keys, DataFusion re-applies them.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let batches = self
+            .read(filters, limit)
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        let exec =
+            MemorySourceConfig::try_new_exec(&[batches], self.schema(), projection.cloned())?;
+        Ok(exec)
+    }
+}

@@ -1,0 +1,77 @@
+//! `CREATE VIEW name AS SELECT …` (non-materialized: expanded at planning time).
+
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::sql::sqlparser::ast;
+
+use crate::catalog::ViewDef;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::sql::{object_name, Outcome};
+
+/// Creates a view.
+pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
+    if cv.materialized {
+        return Err(Error::unsupported(
+            "CREATE MATERIALIZED VIEW is not supported yet",
+        ));
+    }
+    if cv.or_replace || cv.or_alter {
+        return Err(Error::unsupported(
+            "CREATE OR REPLACE VIEW is not supported",
+        ));
+    }
+    if !cv.columns.is_empty() {
+        return Err(Error::unsupported(
+            "a column list in CREATE VIEW is not supported; alias the columns in the query",
+        ));
+    }
+    let name = object_name(&cv.name)?;
+    if engine.catalog.get(&name).is_some() {
+        if cv.if_not_exists {
+            return Ok(Outcome::Command {
+                tag: "CREATE VIEW",
+                rows: None,
+            });
+        }
+        return Err(Error::DuplicateObject(name));
+    }
+    let query = ast::Statement::Query(cv.query.clone());
+    let plan = engine.plan(&query).await?;
+    let depends_on = referenced_relations(&plan);
+    if depends_on.contains(&name) {
+        return Err(Error::Plan(format!("view \"{name}\" cannot read itself")));
+    }
+    let def = ViewDef {
+        id: 0,
+        name,
+        sql: cv.query.to_string(),
+        depends_on,
+    };
+    let _writer = engine.writer().await;
+    engine.catalog.create_view(def, plan)?;
+    Ok(Outcome::Command {
+        tag: "CREATE VIEW",
+        rows: None,
+    })
+}
+
+/// Names of the user relations a plan scans (views are expanded by
+/// DataFusion, so the view's own name appears as the scan's table name).
+pub fn referenced_relations(plan: &LogicalPlan) -> Vec<String> {
+    let mut names = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            let t = scan.table_name.table().to_string();
+            let in_pg_catalog = scan
+                .table_name
+                .schema()
+                .is_some_and(|s| s != crate::engine::SCHEMA);
+            if !in_pg_catalog && !names.contains(&t) {
+                names.push(t);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    names
+}

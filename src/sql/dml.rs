@@ -1,0 +1,391 @@
+//! INSERT, UPDATE and DELETE: from DataFusion's DML plan to one commit.
+//!
+//! DataFusion plans the statement (`LogicalPlan::Dml`), which gives us type
+//! checking, casts to the column types, defaults and parameter inference for
+//! free. We never let DataFusion *execute* the write: [`execute`] runs only
+//! the DML plan's input (the rows to insert, or the rows matched by the
+//! WHERE clause), then turns them into
+//!
+//! * RocksDB puts and deletes (keys per [`crate::state::encoding`]), and
+//! * a [`ChangeBatch`] (+1 inserted, −1 deleted rows),
+//!
+//! and hands both to [`Engine::commit`] — the single commit path of every
+//! table write. The statement holds the engine's writer lock throughout, so
+//! it is atomic and serialized with other writers.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use datafusion::arrow::compute::{cast_with_options, concat_batches, CastOptions};
+use datafusion::common::{Column, ScalarValue};
+use datafusion::logical_expr::{DmlStatement, Expr, LogicalPlan, Projection, WriteOp};
+use datafusion::sql::sqlparser::ast::{self, Statement};
+use rocksdb::WriteBatch;
+
+use crate::catalog::types::SqlType;
+use crate::catalog::{Relation, Table};
+use crate::dataflow::{ChangeBatch, TableChange};
+use crate::engine::Engine;
+use crate::error::{DataErrorKind, Error, Result};
+use crate::state::encoding::{encode_row, table_prefix};
+
+/// Rejects DML forms we do not support, before planning, with 0A000.
+pub fn check_supported(stmt: &Statement) -> Result<()> {
+    match stmt {
+        Statement::Insert(i) => {
+            if i.returning.is_some() {
+                return Err(Error::unsupported(
+                    "INSERT … RETURNING is not supported yet",
+                ));
+            }
+            if i.on.is_some() {
+                return Err(Error::unsupported(
+                    "INSERT … ON CONFLICT is not supported yet",
+                ));
+            }
+        }
+        Statement::Update(u) => {
+            if u.returning.is_some() {
+                return Err(Error::unsupported(
+                    "UPDATE … RETURNING is not supported yet",
+                ));
+            }
+            if u.from.is_some() {
+                return Err(Error::unsupported("UPDATE … FROM is not supported yet"));
+            }
+        }
+        Statement::Delete(d) => {
+            if d.returning.is_some() {
+                return Err(Error::unsupported(
+                    "DELETE … RETURNING is not supported yet",
+                ));
+            }
+            if d.using.is_some() {
+                return Err(Error::unsupported("DELETE … USING is not supported yet"));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Executes a planned DML statement; returns the number of affected rows.
+pub async fn execute(engine: &Engine, _stmt: &ast::Statement, dml: DmlStatement) -> Result<usize> {
+    let name = dml.table_name.table().to_string();
+    let table = match engine.catalog.get(&name) {
+        Some(Relation::Table(t)) => t,
+        Some(Relation::View(_)) => {
+            return Err(Error::WrongObjectType(format!(
+                "cannot change view \"{name}\"; views are read-only"
+            )))
+        }
+        None => return Err(Error::UndefinedTable(name)),
+    };
+    let _writer = engine.writer().await;
+    let input = Arc::unwrap_or_clone(dml.input);
+    match dml.op {
+        WriteOp::Insert(_) => insert(engine, &table, &input).await,
+        WriteOp::Delete => delete(engine, &table, &input).await,
+        WriteOp::Update => update(engine, &table, input).await,
+        other => Err(Error::unsupported(format!("{other} is not supported"))),
+    }
+}
+
+async fn insert(engine: &Engine, table: &Arc<Table>, input: &LogicalPlan) -> Result<usize> {
+    let rows = collect_rows(engine, table, input).await?;
+    let n = rows.num_rows();
+    if n == 0 {
+        return Ok(0);
+    }
+    let mut batch = WriteBatch::default();
+    let keys = row_keys(table, &rows, &mut batch)?;
+    if !table.def.primary_key.is_empty() {
+        check_unique(engine, table, &rows, &keys, &HashSet::new())?;
+    }
+    for (k, v) in keys.iter().zip(row_values(table, &rows)?) {
+        batch.put(k, v);
+    }
+    let change = ChangeBatch::uniform(rows, 1);
+    engine
+        .commit(
+            batch,
+            vec![TableChange {
+                table_id: table.def.id,
+                changes: change,
+            }],
+        )
+        .await?;
+    Ok(n)
+}
+
+async fn delete(engine: &Engine, table: &Arc<Table>, input: &LogicalPlan) -> Result<usize> {
+    let old = collect_rows(engine, table, input).await?;
+    let n = old.num_rows();
+    if n == 0 {
+        return Ok(0);
+    }
+    let mut batch = WriteBatch::default();
+    for k in stored_keys(engine, table, &old)? {
+        batch.delete(k);
+    }
+    engine
+        .commit(
+            batch,
+            vec![TableChange {
+                table_id: table.def.id,
+                changes: ChangeBatch::uniform(old, -1),
+            }],
+        )
+        .await?;
+    Ok(n)
+}
+
+async fn update(engine: &Engine, table: &Arc<Table>, input: LogicalPlan) -> Result<usize> {
+    let ncols = table.def.columns.len();
+    // DataFusion's UPDATE input projects the new row; also project the old
+    // one so that we can delete it (the old key may differ from the new).
+    let LogicalPlan::Projection(p) = input else {
+        return Err(Error::Internal("unexpected UPDATE plan shape".into()));
+    };
+    let mut exprs = p.expr.clone();
+    for (i, (qualifier, field)) in p.input.schema().iter().take(ncols).enumerate() {
+        exprs.push(
+            Expr::Column(Column::from((qualifier, field))).alias(format!("__sluice_old_{i}")),
+        );
+    }
+    let plan = LogicalPlan::Projection(Projection::try_new(exprs, p.input.clone())?);
+    let (_, batches) = engine.run_plan(&plan).await?;
+    let both = if batches.is_empty() {
+        return Ok(0);
+    } else {
+        concat_batches(&batches[0].schema(), &batches)?
+    };
+    let n = both.num_rows();
+    if n == 0 {
+        return Ok(0);
+    }
+    let new = conform(
+        table,
+        &RecordBatch::try_new(table.schema.clone(), both.columns()[..ncols].to_vec())?,
+    )?;
+    let old = RecordBatch::try_new(
+        table.schema.clone(),
+        cast_columns(table, &both.columns()[ncols..])?,
+    )?;
+
+    let mut batch = WriteBatch::default();
+    let old_keys = stored_keys(engine, table, &old)?;
+    for k in &old_keys {
+        batch.delete(k);
+    }
+    let new_keys = row_keys(table, &new, &mut batch)?;
+    if !table.def.primary_key.is_empty() {
+        let freed: HashSet<&[u8]> = old_keys.iter().map(|k| k.as_slice()).collect();
+        check_unique(engine, table, &new, &new_keys, &freed)?;
+    }
+    for (k, v) in new_keys.iter().zip(row_values(table, &new)?) {
+        batch.put(k, v);
+    }
+    let change = ChangeBatch::concat(
+        &table.schema,
+        &[ChangeBatch::uniform(old, -1), ChangeBatch::uniform(new, 1)],
+    )?;
+    engine
+        .commit(
+            batch,
+            vec![TableChange {
+                table_id: table.def.id,
+                changes: change,
+            }],
+        )
+        .await?;
+    Ok(n)
+}
+
+/// Runs a DML input plan and conforms its rows to the table.
+async fn collect_rows(engine: &Engine, table: &Table, input: &LogicalPlan) -> Result<RecordBatch> {
+    let (schema, batches) = engine.run_plan(input).await?;
+    let all = concat_batches(&schema, &batches)?;
+    if all.num_columns() != table.def.columns.len() {
+        return Err(Error::Internal(format!(
+            "DML input has {} columns, table \"{}\" has {}",
+            all.num_columns(),
+            table.def.name,
+            table.def.columns.len()
+        )));
+    }
+    conform(table, &all)
+}
+
+fn cast_columns(table: &Table, cols: &[ArrayRef]) -> Result<Vec<ArrayRef>> {
+    let opts = CastOptions {
+        safe: false,
+        ..Default::default()
+    };
+    cols.iter()
+        .zip(&table.def.columns)
+        .map(|(a, c)| {
+            let target = c.ty.arrow_type();
+            if a.data_type() == &target {
+                Ok(a.clone())
+            } else {
+                Ok(cast_with_options(a, &target, &opts)?)
+            }
+        })
+        .collect()
+}
+
+/// Casts to the column types and checks NOT NULL and `varchar(n)` limits.
+fn conform(table: &Table, rows: &RecordBatch) -> Result<RecordBatch> {
+    let cols = cast_columns(table, rows.columns())?;
+    for (a, c) in cols.iter().zip(&table.def.columns) {
+        if !c.nullable && a.null_count() > 0 {
+            return Err(Error::NotNullViolation {
+                table: table.def.name.clone(),
+                column: c.name.clone(),
+            });
+        }
+        if let SqlType::Varchar(Some(max)) = c.ty {
+            let s = a.as_string::<i32>();
+            if let Some(v) = s
+                .iter()
+                .flatten()
+                .find(|v| v.chars().count() > max as usize)
+            {
+                return Err(Error::data(
+                    DataErrorKind::StringTooLong,
+                    format!(
+                        "value too long for type character varying({max}): \"{}\"",
+                        v.chars().take(20).collect::<String>()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(RecordBatch::try_new(table.schema.clone(), cols)?)
+}
+
+/// Storage keys for new rows: the encoded primary key, or fresh row ids.
+fn row_keys(table: &Table, rows: &RecordBatch, batch: &mut WriteBatch) -> Result<Vec<Vec<u8>>> {
+    let prefix = table_prefix(table.def.id);
+    let n = rows.num_rows();
+    if table.def.primary_key.is_empty() {
+        let first = table.reserve_row_ids(n as u64, batch);
+        return Ok((0..n as u64)
+            .map(|i| {
+                let mut k = prefix.to_vec();
+                k.extend_from_slice(&(first + i).to_be_bytes());
+                k
+            })
+            .collect());
+    }
+    let types: Vec<&SqlType> = table
+        .def
+        .primary_key
+        .iter()
+        .map(|&i| &table.def.columns[i].ty)
+        .collect();
+    let arrays: Vec<&ArrayRef> = table
+        .def
+        .primary_key
+        .iter()
+        .map(|&i| rows.column(i))
+        .collect();
+    (0..n)
+        .map(|r| {
+            let mut k = prefix.to_vec();
+            encode_row(&mut k, &types, &arrays, r)?;
+            Ok(k)
+        })
+        .collect()
+}
+
+fn row_values(table: &Table, rows: &RecordBatch) -> Result<Vec<Vec<u8>>> {
+    let types: Vec<&SqlType> = table.def.columns.iter().map(|c| &c.ty).collect();
+    let arrays: Vec<&ArrayRef> = rows.columns().iter().collect();
+    (0..rows.num_rows())
+        .map(|r| {
+            let mut v = Vec::new();
+            encode_row(&mut v, &types, &arrays, r)?;
+            Ok(v)
+        })
+        .collect()
+}
+
+/// Keys of stored rows equal to `rows`. With a primary key that is the
+/// encoded key; without one, rows are matched by value (identical rows are
+/// indistinguishable, so any `n` of them are the right `n`).
+fn stored_keys(engine: &Engine, table: &Table, rows: &RecordBatch) -> Result<Vec<Vec<u8>>> {
+    if !table.def.primary_key.is_empty() {
+        let mut scratch = WriteBatch::default();
+        return row_keys(table, rows, &mut scratch);
+    }
+    let mut wanted: HashMap<Vec<u8>, usize> = HashMap::new();
+    for v in row_values(table, rows)? {
+        *wanted.entry(v).or_default() += 1;
+    }
+    let mut remaining = rows.num_rows();
+    let mut keys = Vec::with_capacity(remaining);
+    engine
+        .store
+        .scan_prefix(&table_prefix(table.def.id), |k, v| {
+            if let Some(c) = wanted.get_mut(v) {
+                if *c > 0 {
+                    *c -= 1;
+                    remaining -= 1;
+                    keys.push(k.to_vec());
+                }
+            }
+            Ok(remaining > 0)
+        })?;
+    Ok(keys)
+}
+
+/// 23505 unless every key in `keys` is distinct and free (absent from the
+/// table, or freed by this statement).
+fn check_unique(
+    engine: &Engine,
+    table: &Table,
+    rows: &RecordBatch,
+    keys: &[Vec<u8>],
+    freed: &HashSet<&[u8]>,
+) -> Result<()> {
+    let mut seen: HashSet<&[u8]> = HashSet::with_capacity(keys.len());
+    let existing = engine.store.multi_get(keys)?;
+    for (i, (k, old)) in keys.iter().zip(existing).enumerate() {
+        let taken = old.is_some() && !freed.contains(k.as_slice());
+        if taken || !seen.insert(k.as_slice()) {
+            return Err(Error::UniqueViolation {
+                constraint: table.pkey_name(),
+                detail: key_detail(table, rows, i),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `Key (a, b)=(1, x) already exists.`
+fn key_detail(table: &Table, rows: &RecordBatch, row: usize) -> String {
+    let names: Vec<&str> = table
+        .def
+        .primary_key
+        .iter()
+        .map(|&i| table.def.columns[i].name.as_str())
+        .collect();
+    let values: Vec<String> = table
+        .def
+        .primary_key
+        .iter()
+        .map(|&i| {
+            ScalarValue::try_from_array(rows.column(i).as_ref(), row)
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    format!(
+        "Key ({})=({}) already exists.",
+        names.join(", "),
+        values.join(", ")
+    )
+}

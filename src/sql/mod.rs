@@ -1,0 +1,255 @@
+//! SQL statements: parsing and one handler per statement kind.
+//!
+//! [`parse`] turns text into sqlparser statements (DataFusion's re-export,
+//! PostgreSQL dialect, with `datafusion-pg-catalog`'s rewrites so that client
+//! introspection queries plan). [`prepare`] plans a statement once — for
+//! queries and DML through DataFusion, which infers parameter types and the
+//! result schema — and [`execute`] runs a prepared statement with bound
+//! parameters. The simple query protocol is prepare + execute without
+//! parameters, so both protocols share every code path.
+
+pub mod create_table;
+pub mod create_view;
+pub mod dml;
+pub mod drop;
+pub mod select;
+pub mod set;
+pub mod show;
+pub mod transaction;
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::ParamValues;
+use datafusion::logical_expr::{LogicalPlan, WriteOp};
+use datafusion::sql::sqlparser::ast::{self, Statement};
+use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+pub use set::Vars;
+
+/// Parses one or more `;`-separated statements.
+pub fn parse(sql: &str) -> Result<Vec<Statement>> {
+    thread_local! {
+        static PARSER: PostgresCompatibilityParser = PostgresCompatibilityParser::new();
+    }
+    PARSER.with(|p| p.parse(sql)).map_err(Error::from)
+}
+
+/// A statement ready to execute, possibly with parameters (`$1`…).
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The source text.
+    pub sql: String,
+    /// The parsed statement.
+    pub stmt: Statement,
+    /// DataFusion's plan, for queries and DML.
+    pub plan: Option<LogicalPlan>,
+    /// Result column names as PostgreSQL would print them, when they differ
+    /// from DataFusion's (`?column?`, `count`, …).
+    pub column_names: Option<Vec<Option<String>>>,
+}
+
+impl Prepared {
+    /// The result schema, if the statement returns rows.
+    pub fn result_schema(&self) -> Option<SchemaRef> {
+        match (&self.plan, &self.stmt) {
+            (Some(LogicalPlan::Dml(_)), _) => None,
+            (Some(plan), _) => Some(Arc::new(plan.schema().as_arrow().clone())),
+            (None, Statement::ShowTables { .. }) => Some(show::tables_schema()),
+            (None, Statement::ShowVariable { variable }) => Some(set::show_schema(variable)),
+            _ => None,
+        }
+    }
+}
+
+/// What a statement produced.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Rows.
+    Rows(Rows),
+    /// A command completed: tag (`CREATE TABLE`) and affected rows.
+    Command {
+        /// Command tag text.
+        tag: &'static str,
+        /// Affected row count, for INSERT/UPDATE/DELETE.
+        rows: Option<usize>,
+    },
+    /// `BEGIN`.
+    Begin,
+    /// `COMMIT` (tag `COMMIT`, or `ROLLBACK` when the block had failed).
+    Commit(&'static str),
+    /// `ROLLBACK`; `wrote` when statements of the block had already
+    /// committed writes (which a ROLLBACK cannot undo, see [`transaction`]).
+    Rollback {
+        /// Whether the block had written.
+        wrote: bool,
+    },
+    /// A `SET` whose new value clients track (`ParameterStatus`).
+    SetReported {
+        /// Parameter name as PostgreSQL reports it.
+        name: String,
+        /// New value.
+        value: String,
+    },
+}
+
+/// A result set.
+#[derive(Debug)]
+pub struct Rows {
+    /// Arrow schema of `batches`.
+    pub schema: SchemaRef,
+    /// The rows.
+    pub batches: Vec<RecordBatch>,
+    /// Column names to report instead of the schema's.
+    pub names: Option<Vec<String>>,
+    /// Command tag (`SELECT`, `SHOW`, `EXPLAIN`, `INSERT` for RETURNING …).
+    pub tag: &'static str,
+}
+
+/// Per-statement context handed to handlers.
+pub struct Ctx<'a> {
+    /// The shared engine.
+    pub engine: &'a Engine,
+    /// The session's variables.
+    pub vars: &'a mut Vars,
+}
+
+/// Plans `stmt` for later execution.
+pub async fn prepare(engine: &Engine, sql: &str, stmt: Statement) -> Result<Prepared> {
+    let (plan, column_names) = match &stmt {
+        Statement::Query(q) => {
+            let plan = engine.plan(&stmt).await?;
+            let names = select::pg_column_names(q, plan.schema().fields().len());
+            (Some(plan), names)
+        }
+        Statement::Explain { .. } => (Some(engine.plan(&stmt).await?), None),
+        Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) => {
+            dml::check_supported(&stmt)?;
+            (Some(engine.plan(&stmt).await?), None)
+        }
+        _ => (None, None),
+    };
+    Ok(Prepared {
+        sql: sql.to_string(),
+        stmt,
+        plan,
+        column_names,
+    })
+}
+
+/// Executes a prepared statement with bound parameters.
+pub async fn execute(
+    ctx: &mut Ctx<'_>,
+    prepared: &Prepared,
+    params: Option<&ParamValues>,
+) -> Result<Outcome> {
+    if let Some(plan) = &prepared.plan {
+        let plan = match params {
+            Some(p) => plan.clone().replace_params_with_values(p)?,
+            None => plan.clone(),
+        };
+        return match plan {
+            LogicalPlan::Dml(dml) => {
+                let count = dml::execute(ctx.engine, &prepared.stmt, dml).await?;
+                let tag = match &prepared.stmt {
+                    Statement::Insert(_) => "INSERT",
+                    Statement::Update(_) => "UPDATE",
+                    _ => "DELETE",
+                };
+                Ok(Outcome::Command {
+                    tag,
+                    rows: Some(count),
+                })
+            }
+            plan => {
+                select::run(
+                    ctx.engine,
+                    &prepared.stmt,
+                    &plan,
+                    prepared.column_names.clone(),
+                )
+                .await
+            }
+        };
+    }
+    if params.is_some_and(|p| match p {
+        ParamValues::List(l) => !l.is_empty(),
+        ParamValues::Map(m) => !m.is_empty(),
+    }) {
+        return Err(Error::unsupported(
+            "parameters are not supported in this statement",
+        ));
+    }
+    let stmt = &prepared.stmt;
+    match stmt {
+        Statement::CreateTable(ct) => create_table::execute(ctx.engine, ct).await,
+        Statement::CreateView(cv) => create_view::execute(ctx.engine, cv).await,
+        Statement::Drop {
+            object_type,
+            if_exists,
+            names,
+            cascade,
+            ..
+        } => drop::execute(ctx.engine, *object_type, *if_exists, names, *cascade).await,
+        Statement::ShowTables { .. } => show::tables(ctx.engine),
+        Statement::ShowVariable { variable } => set::show(ctx.vars, variable),
+        Statement::Set(s) => set::set(ctx.vars, s),
+        Statement::Reset(r) => set::reset(ctx.vars, r),
+        Statement::StartTransaction { .. } => Ok(Outcome::Begin),
+        Statement::Commit { .. } => Ok(Outcome::Commit("COMMIT")),
+        Statement::Rollback { .. } => Ok(Outcome::Rollback { wrote: false }),
+        Statement::Discard { .. } => Ok(Outcome::Command {
+            tag: "DISCARD ALL",
+            rows: None,
+        }),
+        Statement::Deallocate { .. } => Ok(Outcome::Command {
+            tag: "DEALLOCATE",
+            rows: None,
+        }),
+        other => Err(Error::unsupported(format!(
+            "statement not supported: {}",
+            statement_kind(other)
+        ))),
+    }
+}
+
+/// A short name of a statement for error messages.
+fn statement_kind(stmt: &Statement) -> String {
+    let s = stmt.to_string();
+    s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+/// Whether a DML plan is an INSERT.
+pub fn is_insert(op: &WriteOp) -> bool {
+    matches!(op, WriteOp::Insert(_))
+}
+
+/// The object name's last part, normalized as PostgreSQL does (unquoted
+/// identifiers are lower-cased).
+pub fn object_name(name: &ast::ObjectName) -> Result<String> {
+    let parts: Vec<&ast::Ident> = name.0.iter().filter_map(|p| p.as_ident()).collect();
+    let Some(last) = parts.last() else {
+        return Err(Error::Syntax(format!("syntax error: invalid name {name}")));
+    };
+    if parts.len() > 1 {
+        let schema = normalize_ident(parts[parts.len() - 2]);
+        if schema != crate::engine::SCHEMA {
+            return Err(Error::unsupported(format!(
+                "schema \"{schema}\" does not exist; only \"public\" is supported"
+            )));
+        }
+    }
+    Ok(normalize_ident(last))
+}
+
+/// Lower-cases unquoted identifiers.
+pub fn normalize_ident(id: &ast::Ident) -> String {
+    if id.quote_style.is_some() {
+        id.value.clone()
+    } else {
+        id.value.to_lowercase()
+    }
+}

@@ -1,0 +1,11 @@
+//! Durable state in RocksDB.
+//!
+//! [`store::Store`] owns the database and its keyspace layout;
+//! [`encoding`] defines the order-preserving byte encoding of SQL values used
+//! for keys and rows. Everything above this module sees typed rows, never
+//! RocksDB.
+
+pub mod encoding;
+pub mod store;
+
+pub use store::Store;
