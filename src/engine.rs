@@ -95,6 +95,9 @@ impl Engine {
             }),
         ));
 
+        ctx.register_udf(crate::query::functions::bytea_in_udf());
+        ctx.add_analyzer_rule(Arc::new(crate::query::functions::ByteaTextInput::default()));
+
         let (change_feed, _) = broadcast::channel(1024);
         let engine = Arc::new(Engine {
             config,

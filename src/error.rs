@@ -166,6 +166,13 @@ fn strip_parser_prefix(msg: &str) -> String {
 fn classify_arrow(e: &ArrowError) -> Option<Error> {
     use DataErrorKind::*;
     let msg = e.to_string();
+    if let Some(pg) = postgres_wording(&msg) {
+        let kind = match e {
+            ArrowError::DivideByZero => DivisionByZero,
+            _ => classify_data_message(&msg).unwrap_or(Other),
+        };
+        return Some(Error::data(kind, pg));
+    }
     let kind = match e {
         ArrowError::DivideByZero => DivisionByZero,
         ArrowError::ArithmeticOverflow(_) => NumericOutOfRange,
@@ -210,6 +217,33 @@ fn classify_data_message(m: &str) -> Option<DataErrorKind> {
     } else {
         None
     }
+}
+
+/// Rewrites Arrow's messages for the common data errors into PostgreSQL's
+/// wording, which users and tools recognise.
+fn postgres_wording(msg: &str) -> Option<String> {
+    if msg.contains("Divide by zero") || msg.contains("divide by zero") {
+        return Some("division by zero".into());
+    }
+    // "Cannot cast string 'abc' to value of Int32 type"
+    let start = msg.find("Cannot cast string '")? + "Cannot cast string '".len();
+    let rest = &msg[start..];
+    let end = rest.rfind("' to value of ")?;
+    let value = &rest[..end];
+    let ty = rest[end + "' to value of ".len()..].trim_end_matches(" type");
+    let pg = match ty {
+        "Int16" => "smallint",
+        "Int32" => "integer",
+        "Int64" => "bigint",
+        "Float32" => "real",
+        "Float64" => "double precision",
+        "Boolean" => "boolean",
+        t if t.starts_with("Decimal") => "numeric",
+        t if t.starts_with("Date") => "date",
+        t if t.starts_with("Timestamp") => "timestamp",
+        _ => return None,
+    };
+    Some(format!("invalid input syntax for type {pg}: \"{value}\""))
 }
 
 fn clean_message(m: &str) -> String {

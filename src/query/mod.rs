@@ -9,6 +9,7 @@
 //! point reads (`multi_get`) instead of a scan, so a primary-key lookup costs
 //! O(keys), not O(table).
 
+pub mod functions;
 pub mod table;
 
 use std::sync::Arc;

@@ -20,7 +20,8 @@ use pgwire::api::auth::{
 use pgwire::api::cancel::DefaultCancelHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::results::{FieldFormat, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::messages::data::DataRow;
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
 use pgwire::api::{
@@ -243,16 +244,38 @@ fn rows_response(
         format,
         Some(opts),
     )?);
+    let all_text = fields.iter().all(|f| f.format() == FieldFormat::Text);
     let mut data = Vec::new();
     for batch in rows.batches {
-        data.extend(arrow_pg::datatypes::encode_recordbatch(
-            fields.clone(),
-            batch,
-        ));
+        match all_text.then(|| text_rows(&batch)).flatten() {
+            Some(encoded) => data.extend(encoded.into_iter().map(Ok)),
+            None => data.extend(arrow_pg::datatypes::encode_recordbatch(fields.clone(), batch)),
+        }
     }
     let mut resp = QueryResponse::new(fields, futures::stream::iter(data));
     resp.set_command_tag(rows.tag);
     Ok(resp)
+}
+
+/// Encodes a batch in PostgreSQL's text format; `None` if some column type
+/// has no text encoder in [`super::text`].
+fn text_rows(batch: &datafusion::arrow::array::RecordBatch) -> Option<Vec<DataRow>> {
+    let mut rows = Vec::with_capacity(batch.num_rows());
+    let mut cell = String::new();
+    for r in 0..batch.num_rows() {
+        let mut data = bytes::BytesMut::new();
+        for col in batch.columns() {
+            cell.clear();
+            if super::text::write_value(col, r, &mut cell)? {
+                data.extend_from_slice(&(cell.len() as i32).to_be_bytes());
+                data.extend_from_slice(cell.as_bytes());
+            } else {
+                data.extend_from_slice(&(-1i32).to_be_bytes());
+            }
+        }
+        rows.push(DataRow::new(data, batch.num_columns() as i16));
+    }
+    Some(rows)
 }
 
 #[async_trait]

@@ -1,7 +1,5 @@
 //! `CREATE VIEW name AS SELECT …` (non-materialized: expanded at planning time).
 
-use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::sqlparser::ast;
 
 use crate::catalog::ViewDef;
@@ -38,7 +36,7 @@ pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
     }
     let query = ast::Statement::Query(cv.query.clone());
     let plan = engine.plan(&query).await?;
-    let depends_on = referenced_relations(&plan);
+    let depends_on = referenced_relations(engine, &cv.query);
     if depends_on.contains(&name) {
         return Err(Error::Plan(format!("view \"{name}\" cannot read itself")));
     }
@@ -56,22 +54,17 @@ pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
     })
 }
 
-/// Names of the user relations a plan scans (views are expanded by
-/// DataFusion, so the view's own name appears as the scan's table name).
-pub fn referenced_relations(plan: &LogicalPlan) -> Vec<String> {
+/// Names of the catalog relations `query` reads (tables and views, not
+/// CTEs or `pg_catalog` tables), found by walking the AST.
+pub fn referenced_relations(engine: &Engine, query: &ast::Query) -> Vec<String> {
     let mut names = Vec::new();
-    let _ = plan.apply_with_subqueries(|node| {
-        if let LogicalPlan::TableScan(scan) = node {
-            let t = scan.table_name.table().to_string();
-            let in_pg_catalog = scan
-                .table_name
-                .schema()
-                .is_some_and(|s| s != crate::engine::SCHEMA);
-            if !in_pg_catalog && !names.contains(&t) {
-                names.push(t);
+    let _ = ast::visit_relations(query, |rel: &ast::ObjectName| {
+        if let Ok(name) = object_name(rel) {
+            if engine.catalog.get(&name).is_some() && !names.contains(&name) {
+                names.push(name);
             }
         }
-        Ok(TreeNodeRecursion::Continue)
+        std::ops::ControlFlow::<()>::Continue(())
     });
     names
 }

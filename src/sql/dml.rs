@@ -71,7 +71,7 @@ pub fn check_supported(stmt: &Statement) -> Result<()> {
 }
 
 /// Executes a planned DML statement; returns the number of affected rows.
-pub async fn execute(engine: &Engine, _stmt: &ast::Statement, dml: DmlStatement) -> Result<usize> {
+pub async fn execute(engine: &Engine, stmt: &ast::Statement, dml: DmlStatement) -> Result<usize> {
     let name = dml.table_name.table().to_string();
     let table = match engine.catalog.get(&name) {
         Some(Relation::Table(t)) => t,
@@ -84,11 +84,48 @@ pub async fn execute(engine: &Engine, _stmt: &ast::Statement, dml: DmlStatement)
     };
     let _writer = engine.writer().await;
     let input = Arc::unwrap_or_clone(dml.input);
-    match dml.op {
+    let result = match dml.op {
         WriteOp::Insert(_) => insert(engine, &table, &input).await,
         WriteOp::Delete => delete(engine, &table, &input).await,
         WriteOp::Update => update(engine, &table, input).await,
         other => Err(Error::unsupported(format!("{other} is not supported"))),
+    };
+    result.map_err(|e| not_null_from_datafusion(e, &table, stmt))
+}
+
+/// DataFusion itself rejects a NULL bound for a NOT NULL column while
+/// evaluating `VALUES` ("Column 'column2' is declared as non-nullable …"),
+/// naming the VALUES column. Translate that into PostgreSQL's 23502 naming
+/// the table column.
+fn not_null_from_datafusion(e: Error, table: &Table, stmt: &ast::Statement) -> Error {
+    let (Error::Internal(msg) | Error::Plan(msg)) = &e else {
+        return e;
+    };
+    if !msg.contains("non-nullable but contains null") {
+        return e;
+    }
+    let named = msg.split('\'').nth(1).unwrap_or_default();
+    let column = if let Some(c) = table.def.columns.iter().find(|c| c.name == named) {
+        c.name.clone()
+    } else {
+        let pos = named
+            .strip_prefix("column")
+            .and_then(|n| n.parse::<usize>().ok())
+            .and_then(|n| n.checked_sub(1));
+        let listed = match stmt {
+            ast::Statement::Insert(i) if !i.columns.is_empty() => pos
+                .and_then(|p| i.columns.get(p))
+                .and_then(|name| crate::sql::object_name(name).ok()),
+            _ => pos.and_then(|p| table.def.columns.get(p)).map(|c| c.name.clone()),
+        };
+        match listed {
+            Some(c) => c,
+            None => return e,
+        }
+    };
+    Error::NotNullViolation {
+        table: table.def.name.clone(),
+        column,
     }
 }
 
