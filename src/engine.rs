@@ -57,8 +57,12 @@ pub struct Engine {
     /// Tables and views.
     pub catalog: Arc<Catalog>,
     ctx: SessionContext,
+    /// Query execution runs here, not on the network runtime: a CPU-heavy
+    /// query must never starve connection handling (cancel requests, other
+    /// clients), and dropping the waiting future aborts the query's task.
+    exec: Option<tokio::runtime::Runtime>,
     writer: Mutex<()>,
-    snapshot: RwLock<()>,
+    snapshot: Arc<RwLock<()>>,
     change_feed: broadcast::Sender<Arc<TableChange>>,
 }
 
@@ -104,8 +108,19 @@ impl Engine {
             store,
             catalog,
             ctx,
+            exec: Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(
+                        std::thread::available_parallelism()
+                            .map(|n| n.get())
+                            .unwrap_or(2),
+                    )
+                    .thread_name("sluice-exec")
+                    .enable_all()
+                    .build()?,
+            ),
             writer: Mutex::new(()),
-            snapshot: RwLock::new(()),
+            snapshot: Arc::new(RwLock::new(())),
             change_feed,
         });
         // Views are stored as SQL and re-planned in creation order, which is
@@ -146,14 +161,28 @@ impl Engine {
     /// Runs a (non-DML) plan to completion under a consistent snapshot.
     pub async fn run_plan(&self, plan: &LogicalPlan) -> Result<(SchemaRef, Vec<RecordBatch>)> {
         let state = self.state();
-        let physical = {
-            // Table scans read RocksDB while the physical plan is built.
-            let _snapshot = self.snapshot().await;
-            state.create_physical_plan(plan).await?
+        let plan = plan.clone();
+        let snapshot = self.snapshot.clone();
+        let task = async move {
+            let physical = {
+                // Table scans read RocksDB while the physical plan is built.
+                let _snapshot = snapshot.read_owned().await;
+                state.create_physical_plan(&plan).await?
+            };
+            let schema = physical.schema();
+            let batches = datafusion::physical_plan::collect(physical, state.task_ctx()).await?;
+            Ok::<_, Error>((schema, batches))
         };
-        let schema = physical.schema();
-        let batches = datafusion::physical_plan::collect(physical, state.task_ctx()).await?;
-        Ok((schema, batches))
+        let exec = self
+            .exec
+            .as_ref()
+            .ok_or_else(|| Error::Internal("engine is shutting down".into()))?;
+        let handle = AbortOnDrop(exec.spawn(task));
+        match handle.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => Err(Error::Internal(format!("query panicked: {e}"))),
+            Err(e) => Err(Error::Internal(format!("query task failed: {e}"))),
+        }
     }
 
     /// Serializes writers: hold the guard from reading the rows a statement
@@ -186,5 +215,35 @@ impl Engine {
     /// Subscribes to the change batches of every committed write.
     pub fn subscribe_changes(&self) -> broadcast::Receiver<Arc<TableChange>> {
         self.change_feed.subscribe()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // A runtime may not be dropped from inside another runtime.
+        if let Some(rt) = self.exec.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A task handle that aborts the task when dropped (e.g. when the client
+/// cancels the statement and pgwire drops the statement's future).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = std::result::Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
     }
 }

@@ -50,6 +50,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_connections: args.max_connections.max(1),
         fsync: !args.no_fsync,
     };
+    let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -62,29 +63,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         data_dir.display()
     );
     tracing::info!("connect with: psql -h {} -p {}", addr.ip(), addr.port());
-    sluice::server::serve(engine, listener, shutdown_signal()).await?;
+    sluice::server::serve(engine, listener, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Registers SIGINT/SIGTERM handlers now (so a signal that arrives right
+/// after startup is not lost) and returns a future that completes on either.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {},
+            _ = term.recv() => {},
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutdown requested");
+        tracing::info!("shutdown requested");
+    })
 }

@@ -14,7 +14,9 @@ use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::error::{DataFusionError, Result as DfResult};
-use datafusion::logical_expr::{create_udf, ColumnarValue, Expr, ExprSchemable, LogicalPlan, ScalarUDF, Volatility};
+use datafusion::logical_expr::{
+    create_udf, ColumnarValue, Expr, ExprSchemable, LogicalPlan, ScalarUDF, Volatility,
+};
 use datafusion::optimizer::AnalyzerRule;
 
 /// Name of the bytea input function.
@@ -48,7 +50,9 @@ pub fn parse_bytea(s: &str) -> Result<Vec<u8>, String> {
             out.push(b'\\');
             i += 2;
         } else if i + 3 < b.len() && b[i + 1..=i + 3].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
             out.push(u8::try_from(v).map_err(|_| bad())?);
             i += 4;
         } else {
@@ -88,7 +92,9 @@ pub fn bytea_in_udf() -> ScalarUDF {
             }
             let out: ArrayRef = Arc::new(b.finish());
             Ok(match &args[0] {
-                ColumnarValue::Scalar(_) => ColumnarValue::Scalar(ScalarValue::try_from_array(&out, 0)?),
+                ColumnarValue::Scalar(_) => {
+                    ColumnarValue::Scalar(ScalarValue::try_from_array(&out, 0)?)
+                }
                 ColumnarValue::Array(_) => ColumnarValue::Array(out),
             })
         }),
@@ -122,9 +128,15 @@ impl AnalyzerRule for ByteaTextInput {
                 e.transform_up(|e| match &e {
                     Expr::Cast(c)
                         if matches!(c.field.data_type(), DataType::Binary)
-                            && matches!(c.expr.get_type(&schema), Ok(DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8)) =>
+                            && matches!(
+                                c.expr.get_type(&schema),
+                                Ok(DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8)
+                            ) =>
                     {
-                        let arg = Expr::Cast(datafusion::logical_expr::Cast::new(c.expr.clone(), DataType::Utf8));
+                        let arg = Expr::Cast(datafusion::logical_expr::Cast::new(
+                            c.expr.clone(),
+                            DataType::Utf8,
+                        ));
                         Ok(Transformed::yes(self.udf.call(vec![arg])))
                     }
                     _ => Ok(Transformed::no(e)),
@@ -146,7 +158,10 @@ mod tests {
     #[test]
     fn parses_hex_and_escape() {
         assert_eq!(parse_bytea("\\x00ff10").unwrap(), vec![0, 255, 16]);
-        assert_eq!(parse_bytea("ab\\000c\\\\").unwrap(), vec![b'a', b'b', 0, b'c', b'\\']);
+        assert_eq!(
+            parse_bytea("ab\\000c\\\\").unwrap(),
+            vec![b'a', b'b', 0, b'c', b'\\']
+        );
         assert!(parse_bytea("\\x0").is_err());
         assert!(parse_bytea("\\q").is_err());
     }

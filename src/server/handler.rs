@@ -21,7 +21,6 @@ use pgwire::api::cancel::DefaultCancelHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{FieldFormat, FieldInfo, QueryResponse, Response, Tag};
-use pgwire::messages::data::DataRow;
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
 use pgwire::api::{
@@ -29,6 +28,7 @@ use pgwire::api::{
     PidSecretKeyGenerator, RandomPidSecretKeyGenerator, Type,
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::data::DataRow;
 use pgwire::messages::response::{NoticeResponse, TransactionStatus};
 use pgwire::messages::startup::ParameterStatus;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
@@ -249,7 +249,10 @@ fn rows_response(
     for batch in rows.batches {
         match all_text.then(|| text_rows(&batch)).flatten() {
             Some(encoded) => data.extend(encoded.into_iter().map(Ok)),
-            None => data.extend(arrow_pg::datatypes::encode_recordbatch(fields.clone(), batch)),
+            None => data.extend(arrow_pg::datatypes::encode_recordbatch(
+                fields.clone(),
+                batch,
+            )),
         }
     }
     let mut resp = QueryResponse::new(fields, futures::stream::iter(data));

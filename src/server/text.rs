@@ -22,16 +22,30 @@ pub fn write_value(array: &ArrayRef, row: usize, out: &mut String) -> Option<boo
         return Some(false);
     }
     match array.data_type() {
-        DataType::Boolean => out.push(if array.as_boolean().value(row) { 't' } else { 'f' }),
+        DataType::Boolean => out.push(if array.as_boolean().value(row) {
+            't'
+        } else {
+            'f'
+        }),
         DataType::Int8 => write!(out, "{}", array.as_primitive::<Int8Type>().value(row)).ok()?,
         DataType::Int16 => write!(out, "{}", array.as_primitive::<Int16Type>().value(row)).ok()?,
         DataType::Int32 => write!(out, "{}", array.as_primitive::<Int32Type>().value(row)).ok()?,
         DataType::Int64 => write!(out, "{}", array.as_primitive::<Int64Type>().value(row)).ok()?,
         DataType::UInt8 => write!(out, "{}", array.as_primitive::<UInt8Type>().value(row)).ok()?,
-        DataType::UInt16 => write!(out, "{}", array.as_primitive::<UInt16Type>().value(row)).ok()?,
-        DataType::UInt32 => write!(out, "{}", array.as_primitive::<UInt32Type>().value(row)).ok()?,
-        DataType::UInt64 => write!(out, "{}", array.as_primitive::<UInt64Type>().value(row)).ok()?,
-        DataType::Float32 => float(out, array.as_primitive::<Float32Type>().value(row) as f64, true),
+        DataType::UInt16 => {
+            write!(out, "{}", array.as_primitive::<UInt16Type>().value(row)).ok()?
+        }
+        DataType::UInt32 => {
+            write!(out, "{}", array.as_primitive::<UInt32Type>().value(row)).ok()?
+        }
+        DataType::UInt64 => {
+            write!(out, "{}", array.as_primitive::<UInt64Type>().value(row)).ok()?
+        }
+        DataType::Float32 => float(
+            out,
+            array.as_primitive::<Float32Type>().value(row) as f64,
+            true,
+        ),
         DataType::Float64 => float(out, array.as_primitive::<Float64Type>().value(row), false),
         DataType::Decimal128(_, scale) => {
             let v = array.as_primitive::<Decimal128Type>().value(row);
@@ -95,10 +109,19 @@ fn timestamp_micros(array: &ArrayRef, row: usize, unit: &TimeUnit) -> Option<i64
         TimestampSecondType,
     };
     Some(match unit {
-        TimeUnit::Second => array.as_primitive::<TimestampSecondType>().value(row).checked_mul(1_000_000)?,
-        TimeUnit::Millisecond => array.as_primitive::<TimestampMillisecondType>().value(row).checked_mul(1000)?,
+        TimeUnit::Second => array
+            .as_primitive::<TimestampSecondType>()
+            .value(row)
+            .checked_mul(1_000_000)?,
+        TimeUnit::Millisecond => array
+            .as_primitive::<TimestampMillisecondType>()
+            .value(row)
+            .checked_mul(1000)?,
         TimeUnit::Microsecond => array.as_primitive::<TimestampMicrosecondType>().value(row),
-        TimeUnit::Nanosecond => array.as_primitive::<TimestampNanosecondType>().value(row).div_euclid(1000),
+        TimeUnit::Nanosecond => array
+            .as_primitive::<TimestampNanosecondType>()
+            .value(row)
+            .div_euclid(1000),
     })
 }
 
@@ -173,7 +196,13 @@ fn decimal(out: &mut String, v: i128, scale: i8) {
     if neg {
         out.push('-');
     }
-    let _ = write!(out, "{}.{:0width$}", abs / p, abs % p, width = scale as usize);
+    let _ = write!(
+        out,
+        "{}.{:0width$}",
+        abs / p,
+        abs % p,
+        width = scale as usize
+    );
 }
 
 fn bytea(out: &mut String, b: &[u8]) {
@@ -196,7 +225,13 @@ fn fraction(out: &mut String, micros: i64) {
 fn time_of_day(out: &mut String, us: i64) {
     let secs = us.div_euclid(1_000_000);
     let frac = us.rem_euclid(1_000_000);
-    let _ = write!(out, "{:02}:{:02}:{:02}", secs / 3600, (secs / 60) % 60, secs % 60);
+    let _ = write!(
+        out,
+        "{:02}:{:02}:{:02}",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    );
     fraction(out, frac);
 }
 
@@ -206,13 +241,22 @@ fn interval(out: &mut String, months: i32, days: i32, micros: i64) {
     let years = months / 12;
     let mons = months % 12;
     if years != 0 {
-        parts.push(format!("{years} year{}", if years.abs() == 1 { "" } else { "s" }));
+        parts.push(format!(
+            "{years} year{}",
+            if years.abs() == 1 { "" } else { "s" }
+        ));
     }
     if mons != 0 {
-        parts.push(format!("{mons} mon{}", if mons.abs() == 1 { "" } else { "s" }));
+        parts.push(format!(
+            "{mons} mon{}",
+            if mons.abs() == 1 { "" } else { "s" }
+        ));
     }
     if days != 0 {
-        parts.push(format!("{days} day{}", if days.abs() == 1 { "" } else { "s" }));
+        parts.push(format!(
+            "{days} day{}",
+            if days.abs() == 1 { "" } else { "s" }
+        ));
     }
     if micros != 0 || parts.is_empty() {
         let mut t = String::new();
@@ -227,10 +271,15 @@ fn interval(out: &mut String, months: i32, days: i32, micros: i64) {
 
 /// Array elements are quoted when PostgreSQL would quote them.
 fn array_item(out: &mut String, item: &str, elem_type: &DataType) {
-    let textual = matches!(elem_type, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+    let textual = matches!(
+        elem_type,
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+    );
     let needs_quotes = item.is_empty()
         || item.eq_ignore_ascii_case("null")
-        || item.chars().any(|c| matches!(c, '{' | '}' | ',' | '"' | '\\') || c.is_whitespace())
+        || item
+            .chars()
+            .any(|c| matches!(c, '{' | '}' | ',' | '"' | '\\') || c.is_whitespace())
         || (!textual && item.contains(' '));
     if !needs_quotes {
         out.push_str(item);

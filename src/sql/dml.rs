@@ -116,7 +116,9 @@ fn not_null_from_datafusion(e: Error, table: &Table, stmt: &ast::Statement) -> E
             ast::Statement::Insert(i) if !i.columns.is_empty() => pos
                 .and_then(|p| i.columns.get(p))
                 .and_then(|name| crate::sql::object_name(name).ok()),
-            _ => pos.and_then(|p| table.def.columns.get(p)).map(|c| c.name.clone()),
+            _ => pos
+                .and_then(|p| table.def.columns.get(p))
+                .map(|c| c.name.clone()),
         };
         match listed {
             Some(c) => c,

@@ -94,6 +94,9 @@ impl Server {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
+                if !status.success() {
+                    eprintln!("sluice exited with {status}");
+                }
                 return status.success();
             }
             if std::time::Instant::now() > deadline {
