@@ -263,3 +263,59 @@ impl TableProvider for StoredTable {
         Ok(exec)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Catalog, ColumnDef, TableDef};
+    use datafusion::prelude::{cast, col, lit};
+    use rocksdb::WriteBatch;
+
+    fn table_with_rows(n: i64) -> (tempfile::TempDir, StoredTable) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), false).unwrap());
+        let (catalog, _) = Catalog::load(store.clone()).unwrap();
+        let t = catalog
+            .create_table(TableDef {
+                id: 0,
+                name: "t".into(),
+                columns: vec![
+                    ColumnDef { name: "id".into(), ty: SqlType::Int8, nullable: false },
+                    ColumnDef { name: "s".into(), ty: SqlType::Text, nullable: true },
+                ],
+                primary_key: vec![0],
+            })
+            .unwrap();
+        let mut batch = WriteBatch::default();
+        for i in 0..n {
+            let mut k = table_prefix(t.def.id).to_vec();
+            encode_value(&mut k, &SqlType::Int8, &ScalarValue::Int64(Some(i))).unwrap();
+            let mut v = Vec::new();
+            encode_value(&mut v, &SqlType::Int8, &ScalarValue::Int64(Some(i))).unwrap();
+            encode_value(&mut v, &SqlType::Text, &ScalarValue::Utf8(Some(i.to_string()))).unwrap();
+            batch.put(k, v);
+        }
+        store.write(batch).unwrap();
+        (dir, StoredTable::new(t, store))
+    }
+
+    fn rows(t: &StoredTable, filters: &[Expr]) -> usize {
+        t.read(filters, None).unwrap().iter().map(|b| b.num_rows()).sum()
+    }
+
+    #[test]
+    fn primary_key_equality_reads_only_the_matching_keys() {
+        let (_d, t) = table_with_rows(1000);
+        assert_eq!(rows(&t, &[col("id").eq(lit(5i64))]), 1);
+        assert_eq!(rows(&t, &[lit(7i64).eq(col("id"))]), 1);
+        assert_eq!(rows(&t, &[col("id").in_list(vec![lit(1i64), lit(2i64), lit(5000i64)], false)]), 2);
+        // A widening cast of the integer key is still a lookup.
+        assert_eq!(rows(&t, &[cast(col("id"), datafusion::arrow::datatypes::DataType::Decimal128(20, 0)).eq(lit(ScalarValue::Decimal128(Some(3), 20, 0)))]), 1);
+        // Contradictory predicates on the key select nothing.
+        assert_eq!(rows(&t, &[col("id").eq(lit(1i64)), col("id").eq(lit(2i64))]), 0);
+        // Anything else scans (the filter is applied above the scan).
+        assert_eq!(rows(&t, &[col("id").gt(lit(5i64))]), 1000);
+        assert_eq!(rows(&t, &[col("s").eq(lit("5"))]), 1000);
+        assert_eq!(rows(&t, &[]), 1000);
+    }
+}

@@ -243,19 +243,19 @@ fn interval(out: &mut String, months: i32, days: i32, micros: i64) {
     if years != 0 {
         parts.push(format!(
             "{years} year{}",
-            if years.abs() == 1 { "" } else { "s" }
+            if years == 1 { "" } else { "s" }
         ));
     }
     if mons != 0 {
         parts.push(format!(
             "{mons} mon{}",
-            if mons.abs() == 1 { "" } else { "s" }
+            if mons == 1 { "" } else { "s" }
         ));
     }
     if days != 0 {
         parts.push(format!(
             "{days} day{}",
-            if days.abs() == 1 { "" } else { "s" }
+            if days == 1 { "" } else { "s" }
         ));
     }
     if micros != 0 || parts.is_empty() {
