@@ -18,7 +18,10 @@ use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 struct Server(Child, u16);
@@ -46,7 +49,11 @@ fn start(dir: &std::path::Path) -> Server {
         .strip_prefix("sluice: listening on ")
         .and_then(|r| r.split_whitespace().next())
         .expect("listening line");
-    let port = addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+    let port = addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
     Server(child, port)
 }
 

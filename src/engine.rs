@@ -100,7 +100,8 @@ impl Engine {
         ));
 
         ctx.register_udf(crate::query::functions::bytea_in_udf());
-        ctx.add_analyzer_rule(Arc::new(crate::query::functions::ByteaTextInput::default()));
+        ctx.register_udf(crate::query::functions::interval_in_udf());
+        ctx.add_analyzer_rule(Arc::new(crate::query::functions::PgTextInput::default()));
 
         let (change_feed, _) = broadcast::channel(1024);
         let engine = Arc::new(Engine {

@@ -42,7 +42,7 @@ async fn every_type_roundtrips_in_binary_with_parameters() {
     let (_d, _s, c) = setup().await;
     c.batch_execute(TYPES_TABLE).await.unwrap();
     let ins = c
-        .prepare("INSERT INTO ty VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,'1 day 2 hours',$16,$17,$18)")
+        .prepare("INSERT INTO ty VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,'1 day 02:00:00',$16,$17,$18)")
         .await
         .unwrap();
     // Parameter types are inferred from the target columns.

@@ -1,15 +1,21 @@
 //! PostgreSQL compatibility functions and plan rewrites.
 //!
-//! `bytea` text input: PostgreSQL reads `'\x00ff'` (hex) or `'a\000b'`
-//! (escape) when a string becomes `bytea`; DataFusion's cast would store the
-//! string's own bytes. [`ByteaTextInput`] is an analyzer rule, run after
-//! DataFusion's type coercion, that replaces every `CAST(<text> AS bytea)`
-//! with `pg_bytea_in(<text>)`, which parses PostgreSQL's formats.
+//! Text input of two types differs between PostgreSQL and DataFusion:
+//!
+//! * `bytea`: PostgreSQL reads `'\x00ff'` (hex) or `'a\000b'` (escape);
+//!   DataFusion's cast would store the string's own bytes.
+//! * `interval`: PostgreSQL reads its own output (`1 day 02:00:00`, `1:30`);
+//!   DataFusion's parser does not.
+//!
+//! [`PgTextInput`] is an analyzer rule, run after DataFusion's type
+//! coercion, that replaces every `CAST(<text> AS bytea)` with
+//! `pg_bytea_in(<text>)` and every `CAST(<text> AS interval)` with
+//! `pg_interval_in(<text>)`, which parse PostgreSQL's formats.
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, AsArray, BinaryBuilder};
-use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BinaryBuilder};
+use datafusion::arrow::datatypes::{DataType, IntervalUnit};
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{DFSchema, ScalarValue};
@@ -101,21 +107,196 @@ pub fn bytea_in_udf() -> ScalarUDF {
     )
 }
 
-/// Rewrites text → bytea casts to [`BYTEA_IN`].
-#[derive(Debug)]
-pub struct ByteaTextInput {
-    udf: Arc<ScalarUDF>,
+/// Name of the interval input function.
+pub const INTERVAL_IN: &str = "pg_interval_in";
+
+/// Parses PostgreSQL's interval input: `1 day 02:00:00`, `-1 days`, `1:30`,
+/// `2 hours 30 mins`, `1.5 days`, `@ 3 days ago`. Returns (months, days,
+/// microseconds); `None` when the text is not in this form (the caller then
+/// tries Arrow's parser).
+pub fn parse_interval(s: &str) -> Option<(i32, i32, i64)> {
+    let mut text = s.trim().to_ascii_lowercase();
+    if let Some(rest) = text.strip_prefix('@') {
+        text = rest.trim().to_string();
+    }
+    let mut negate_all = false;
+    if let Some(rest) = text.strip_suffix("ago") {
+        text = rest.trim().to_string();
+        negate_all = true;
+    }
+    let tokens: Vec<&str> = text.split_whitespace().collect();
+    if tokens.is_empty() {
+        return None;
+    }
+    let (mut months, mut days, mut micros) = (0f64, 0f64, 0f64);
+    let mut i = 0;
+    while i < tokens.len() {
+        let tok = tokens[i];
+        if tok.contains(':') {
+            let (neg, body) = match tok.strip_prefix('-') {
+                Some(b) => (true, b),
+                None => (false, tok.strip_prefix('+').unwrap_or(tok)),
+            };
+            let parts: Vec<&str> = body.split(':').collect();
+            if parts.len() > 3 {
+                return None;
+            }
+            let h: f64 = parts[0].parse().ok()?;
+            let m: f64 = parts
+                .get(1)
+                .map(|p| p.parse())
+                .transpose()
+                .ok()?
+                .unwrap_or(0.0);
+            let sec: f64 = parts
+                .get(2)
+                .map(|p| p.parse())
+                .transpose()
+                .ok()?
+                .unwrap_or(0.0);
+            let us = ((h * 3600.0 + m * 60.0 + sec) * 1e6).round();
+            micros += if neg { -us } else { us };
+            i += 1;
+            continue;
+        }
+        // A number, with its unit in the same token (`2h`) or the next.
+        let split = tok
+            .find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(tok.len());
+        let value: f64 = tok[..split].parse().ok()?;
+        let unit = if split < tok.len() {
+            &tok[split..]
+        } else if i + 1 < tokens.len()
+            && tokens[i + 1].starts_with(|c: char| c.is_ascii_alphabetic())
+        {
+            i += 1;
+            tokens[i]
+        } else {
+            "second"
+        };
+        let unit = unit.trim_end_matches(',');
+        match unit {
+            "microsecond" | "microseconds" | "us" | "usec" | "usecs" => micros += value,
+            "millisecond" | "milliseconds" | "ms" | "msec" | "msecs" => micros += value * 1e3,
+            "second" | "seconds" | "s" | "sec" | "secs" => micros += value * 1e6,
+            "minute" | "minutes" | "m" | "min" | "mins" => micros += value * 60e6,
+            "hour" | "hours" | "h" | "hr" | "hrs" => micros += value * 3600e6,
+            "day" | "days" | "d" => days += value,
+            "week" | "weeks" | "w" => days += value * 7.0,
+            "month" | "months" | "mon" | "mons" => months += value,
+            "year" | "years" | "y" | "yr" | "yrs" => months += value * 12.0,
+            "decade" | "decades" => months += value * 120.0,
+            "century" | "centuries" => months += value * 1200.0,
+            "millennium" | "millennia" | "millenniums" => months += value * 12000.0,
+            _ => return None,
+        }
+        i += 1;
+    }
+    // Fractions cascade down as in PostgreSQL: a month is 30 days, a day 24 h.
+    let whole_months = months.trunc();
+    days += (months - whole_months) * 30.0;
+    let whole_days = days.trunc();
+    micros += (days - whole_days) * 86_400e6;
+    let sign = if negate_all { -1.0 } else { 1.0 };
+    let m = sign * whole_months;
+    let d = sign * whole_days;
+    let us = (sign * micros).round();
+    if m.abs() > i32::MAX as f64 || d.abs() > i32::MAX as f64 || us.abs() > i64::MAX as f64 {
+        return None;
+    }
+    Some((m as i32, d as i32, us as i64))
 }
 
-impl Default for ByteaTextInput {
+/// The `pg_interval_in(text) → interval` function.
+pub fn interval_in_udf() -> ScalarUDF {
+    use datafusion::arrow::array::IntervalMonthDayNanoBuilder;
+    use datafusion::arrow::datatypes::{IntervalMonthDayNano, IntervalUnit};
+    let out_type = DataType::Interval(IntervalUnit::MonthDayNano);
+    create_udf(
+        INTERVAL_IN,
+        vec![DataType::Utf8],
+        out_type.clone(),
+        Volatility::Immutable,
+        Arc::new(move |args: &[ColumnarValue]| {
+            let arr: ArrayRef = match &args[0] {
+                ColumnarValue::Array(a) => a.clone(),
+                ColumnarValue::Scalar(s) => s.to_array()?,
+            };
+            let arr = datafusion::arrow::compute::cast(&arr, &DataType::Utf8)?;
+            let strings = arr.as_string::<i32>();
+            let mut b = IntervalMonthDayNanoBuilder::new();
+            for v in strings.iter() {
+                match v {
+                    None => b.append_null(),
+                    Some(s) => match parse_interval(s) {
+                        Some((m, d, us)) => b.append_value(IntervalMonthDayNano::new(
+                            m,
+                            d,
+                            us.checked_mul(1000).ok_or_else(|| {
+                                DataFusionError::Execution(format!(
+                                    "interval out of range: \"{s}\""
+                                ))
+                            })?,
+                        )),
+                        None => {
+                            // Arrow's parser knows a few more forms.
+                            let one = datafusion::arrow::array::StringArray::from(vec![s]);
+                            let parsed = datafusion::arrow::compute::cast(&one, &out_type)
+                                .map_err(|_| {
+                                    DataFusionError::ArrowError(
+                                        Box::new(datafusion::arrow::error::ArrowError::CastError(
+                                            format!(
+                                                "invalid input syntax for type interval: \"{s}\""
+                                            ),
+                                        )),
+                                        None,
+                                    )
+                                })?;
+                            if parsed.is_null(0) {
+                                return Err(DataFusionError::ArrowError(
+                                    Box::new(datafusion::arrow::error::ArrowError::CastError(
+                                        format!("invalid input syntax for type interval: \"{s}\""),
+                                    )),
+                                    None,
+                                ));
+                            }
+                            let iv = parsed
+                                .as_primitive::<datafusion::arrow::datatypes::IntervalMonthDayNanoType>()
+                                .value(0);
+                            b.append_value(iv);
+                        }
+                    },
+                }
+            }
+            let out: ArrayRef = Arc::new(b.finish());
+            Ok(match &args[0] {
+                ColumnarValue::Scalar(_) => {
+                    ColumnarValue::Scalar(ScalarValue::try_from_array(&out, 0)?)
+                }
+                ColumnarValue::Array(_) => ColumnarValue::Array(out),
+            })
+        }),
+    )
+}
+
+/// Rewrites text → bytea casts to [`BYTEA_IN`] and text → interval casts
+/// to [`INTERVAL_IN`].
+#[derive(Debug)]
+pub struct PgTextInput {
+    bytea: Arc<ScalarUDF>,
+    interval: Arc<ScalarUDF>,
+}
+
+impl Default for PgTextInput {
     fn default() -> Self {
-        ByteaTextInput {
-            udf: Arc::new(bytea_in_udf()),
+        PgTextInput {
+            bytea: Arc::new(bytea_in_udf()),
+            interval: Arc::new(interval_in_udf()),
         }
     }
 }
 
-impl AnalyzerRule for ByteaTextInput {
+impl AnalyzerRule for PgTextInput {
     fn analyze(&self, plan: LogicalPlan, _config: &ConfigOptions) -> DfResult<LogicalPlan> {
         plan.transform_up_with_subqueries(|node| {
             let inputs = node.inputs();
@@ -124,36 +305,63 @@ impl AnalyzerRule for ByteaTextInput {
             } else {
                 node.schema().as_ref().clone()
             };
+            // Keep output names stable: the rewrite must not rename columns.
+            let names = datafusion::logical_expr::expr_rewriter::NamePreserver::new(&node);
             node.map_expressions(|e| {
-                e.transform_up(|e| match &e {
-                    Expr::Cast(c)
-                        if matches!(c.field.data_type(), DataType::Binary)
-                            && matches!(
-                                c.expr.get_type(&schema),
-                                Ok(DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8)
-                            ) =>
-                    {
-                        let arg = Expr::Cast(datafusion::logical_expr::Cast::new(
-                            c.expr.clone(),
-                            DataType::Utf8,
-                        ));
-                        Ok(Transformed::yes(self.udf.call(vec![arg])))
+                let saved = names.save(&e);
+                e.transform_up(|e| {
+                    let Expr::Cast(c) = &e else {
+                        return Ok(Transformed::no(e));
+                    };
+                    let udf = match c.field.data_type() {
+                        DataType::Binary => &self.bytea,
+                        DataType::Interval(IntervalUnit::MonthDayNano) => &self.interval,
+                        _ => return Ok(Transformed::no(e)),
+                    };
+                    if !matches!(
+                        c.expr.get_type(&schema),
+                        Ok(DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8)
+                    ) {
+                        return Ok(Transformed::no(e));
                     }
-                    _ => Ok(Transformed::no(e)),
+                    let arg = Expr::Cast(datafusion::logical_expr::Cast::new(
+                        c.expr.clone(),
+                        DataType::Utf8,
+                    ));
+                    Ok(Transformed::yes(udf.call(vec![arg])))
                 })
+                .map(|t| t.update_data(|new| saved.restore(new)))
             })
         })
         .map(|t| t.data)
     }
 
     fn name(&self) -> &str {
-        "sluice_bytea_text_input"
+        "sluice_pg_text_input"
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_postgres_intervals() {
+        let h = 3_600_000_000i64;
+        assert_eq!(parse_interval("1 day 02:00:00"), Some((0, 1, 2 * h)));
+        assert_eq!(parse_interval("-1 days"), Some((0, -1, 0)));
+        assert_eq!(parse_interval("1:30"), Some((0, 0, h + h / 2)));
+        assert_eq!(
+            parse_interval("1 year 2 mons 3 days 04:05:06.5"),
+            Some((14, 3, 4 * h + 5 * 60_000_000 + 6_500_000))
+        );
+        assert_eq!(parse_interval("1.5 days"), Some((0, 1, 12 * h)));
+        assert_eq!(parse_interval("@ 2 hours ago"), Some((0, 0, -2 * h)));
+        assert_eq!(parse_interval("2h 30m"), Some((0, 0, 2 * h + h / 2)));
+        assert_eq!(parse_interval("10"), Some((0, 0, 10_000_000)));
+        assert_eq!(parse_interval("P1D"), None);
+        assert_eq!(parse_interval("1 fortnight"), None);
+    }
 
     #[test]
     fn parses_hex_and_escape() {

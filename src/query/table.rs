@@ -280,8 +280,16 @@ mod tests {
                 id: 0,
                 name: "t".into(),
                 columns: vec![
-                    ColumnDef { name: "id".into(), ty: SqlType::Int8, nullable: false },
-                    ColumnDef { name: "s".into(), ty: SqlType::Text, nullable: true },
+                    ColumnDef {
+                        name: "id".into(),
+                        ty: SqlType::Int8,
+                        nullable: false,
+                    },
+                    ColumnDef {
+                        name: "s".into(),
+                        ty: SqlType::Text,
+                        nullable: true,
+                    },
                 ],
                 primary_key: vec![0],
             })
@@ -292,7 +300,12 @@ mod tests {
             encode_value(&mut k, &SqlType::Int8, &ScalarValue::Int64(Some(i))).unwrap();
             let mut v = Vec::new();
             encode_value(&mut v, &SqlType::Int8, &ScalarValue::Int64(Some(i))).unwrap();
-            encode_value(&mut v, &SqlType::Text, &ScalarValue::Utf8(Some(i.to_string()))).unwrap();
+            encode_value(
+                &mut v,
+                &SqlType::Text,
+                &ScalarValue::Utf8(Some(i.to_string())),
+            )
+            .unwrap();
             batch.put(k, v);
         }
         store.write(batch).unwrap();
@@ -300,7 +313,11 @@ mod tests {
     }
 
     fn rows(t: &StoredTable, filters: &[Expr]) -> usize {
-        t.read(filters, None).unwrap().iter().map(|b| b.num_rows()).sum()
+        t.read(filters, None)
+            .unwrap()
+            .iter()
+            .map(|b| b.num_rows())
+            .sum()
     }
 
     #[test]
@@ -308,11 +325,30 @@ mod tests {
         let (_d, t) = table_with_rows(1000);
         assert_eq!(rows(&t, &[col("id").eq(lit(5i64))]), 1);
         assert_eq!(rows(&t, &[lit(7i64).eq(col("id"))]), 1);
-        assert_eq!(rows(&t, &[col("id").in_list(vec![lit(1i64), lit(2i64), lit(5000i64)], false)]), 2);
+        assert_eq!(
+            rows(
+                &t,
+                &[col("id").in_list(vec![lit(1i64), lit(2i64), lit(5000i64)], false)]
+            ),
+            2
+        );
         // A widening cast of the integer key is still a lookup.
-        assert_eq!(rows(&t, &[cast(col("id"), datafusion::arrow::datatypes::DataType::Decimal128(20, 0)).eq(lit(ScalarValue::Decimal128(Some(3), 20, 0)))]), 1);
+        assert_eq!(
+            rows(
+                &t,
+                &[cast(
+                    col("id"),
+                    datafusion::arrow::datatypes::DataType::Decimal128(20, 0)
+                )
+                .eq(lit(ScalarValue::Decimal128(Some(3), 20, 0)))]
+            ),
+            1
+        );
         // Contradictory predicates on the key select nothing.
-        assert_eq!(rows(&t, &[col("id").eq(lit(1i64)), col("id").eq(lit(2i64))]), 0);
+        assert_eq!(
+            rows(&t, &[col("id").eq(lit(1i64)), col("id").eq(lit(2i64))]),
+            0
+        );
         // Anything else scans (the filter is applied above the scan).
         assert_eq!(rows(&t, &[col("id").gt(lit(5i64))]), 1000);
         assert_eq!(rows(&t, &[col("s").eq(lit("5"))]), 1000);

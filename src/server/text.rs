@@ -241,22 +241,13 @@ fn interval(out: &mut String, months: i32, days: i32, micros: i64) {
     let years = months / 12;
     let mons = months % 12;
     if years != 0 {
-        parts.push(format!(
-            "{years} year{}",
-            if years == 1 { "" } else { "s" }
-        ));
+        parts.push(format!("{years} year{}", if years == 1 { "" } else { "s" }));
     }
     if mons != 0 {
-        parts.push(format!(
-            "{mons} mon{}",
-            if mons == 1 { "" } else { "s" }
-        ));
+        parts.push(format!("{mons} mon{}", if mons == 1 { "" } else { "s" }));
     }
     if days != 0 {
-        parts.push(format!(
-            "{days} day{}",
-            if days == 1 { "" } else { "s" }
-        ));
+        parts.push(format!("{days} day{}", if days == 1 { "" } else { "s" }));
     }
     if micros != 0 || parts.is_empty() {
         let mut t = String::new();

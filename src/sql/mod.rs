@@ -22,7 +22,7 @@ use std::sync::Arc;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::ParamValues;
-use datafusion::logical_expr::{LogicalPlan, WriteOp};
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::sqlparser::ast::{self, Statement};
 use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 
@@ -220,11 +220,6 @@ pub async fn execute(
 fn statement_kind(stmt: &Statement) -> String {
     let s = stmt.to_string();
     s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
-}
-
-/// Whether a DML plan is an INSERT.
-pub fn is_insert(op: &WriteOp) -> bool {
-    matches!(op, WriteOp::Insert(_))
 }
 
 /// The object name's last part, normalized as PostgreSQL does (unquoted
