@@ -18,8 +18,12 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use datafusion::arrow::compute::{cast_with_options, concat_batches, CastOptions};
-use datafusion::common::{Column, ScalarValue};
-use datafusion::logical_expr::{DmlStatement, Expr, LogicalPlan, Projection, WriteOp};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::{Column, DFSchema, ScalarValue};
+use datafusion::datasource::{provider_as_source, MemTable};
+use datafusion::logical_expr::{
+    DmlStatement, Expr, LogicalPlan, LogicalPlanBuilder, Projection, WriteOp,
+};
 use datafusion::sql::sqlparser::ast::{self, Statement};
 use rocksdb::WriteBatch;
 
@@ -34,11 +38,6 @@ use crate::state::encoding::{encode_row, table_prefix};
 pub fn check_supported(stmt: &Statement) -> Result<()> {
     match stmt {
         Statement::Insert(i) => {
-            if i.returning.is_some() {
-                return Err(Error::unsupported(
-                    "INSERT … RETURNING is not supported yet",
-                ));
-            }
             if i.on.is_some() {
                 return Err(Error::unsupported(
                     "INSERT … ON CONFLICT is not supported yet",
@@ -46,21 +45,11 @@ pub fn check_supported(stmt: &Statement) -> Result<()> {
             }
         }
         Statement::Update(u) => {
-            if u.returning.is_some() {
-                return Err(Error::unsupported(
-                    "UPDATE … RETURNING is not supported yet",
-                ));
-            }
             if u.from.is_some() {
                 return Err(Error::unsupported("UPDATE … FROM is not supported yet"));
             }
         }
         Statement::Delete(d) => {
-            if d.returning.is_some() {
-                return Err(Error::unsupported(
-                    "DELETE … RETURNING is not supported yet",
-                ));
-            }
             if d.using.is_some() {
                 return Err(Error::unsupported("DELETE … USING is not supported yet"));
             }
@@ -70,8 +59,14 @@ pub fn check_supported(stmt: &Statement) -> Result<()> {
     Ok(())
 }
 
-/// Executes a planned DML statement; returns the number of affected rows.
-pub async fn execute(engine: &Engine, stmt: &ast::Statement, dml: DmlStatement) -> Result<usize> {
+/// Executes a planned DML statement; returns the affected rows (inserted,
+/// deleted, or the new versions of updated rows), for the row count and
+/// `RETURNING`.
+pub async fn execute(
+    engine: &Engine,
+    stmt: &ast::Statement,
+    dml: DmlStatement,
+) -> Result<RecordBatch> {
     let name = dml.table_name.table().to_string();
     let table = match engine.catalog.get(&name) {
         Some(Relation::Table(t)) => t,
@@ -131,11 +126,10 @@ fn not_null_from_datafusion(e: Error, table: &Table, stmt: &ast::Statement) -> E
     }
 }
 
-async fn insert(engine: &Engine, table: &Arc<Table>, input: &LogicalPlan) -> Result<usize> {
+async fn insert(engine: &Engine, table: &Arc<Table>, input: &LogicalPlan) -> Result<RecordBatch> {
     let rows = collect_rows(engine, table, input).await?;
-    let n = rows.num_rows();
-    if n == 0 {
-        return Ok(0);
+    if rows.num_rows() == 0 {
+        return Ok(rows);
     }
     let mut batch = WriteBatch::default();
     let keys = row_keys(table, &rows, &mut batch)?;
@@ -145,7 +139,7 @@ async fn insert(engine: &Engine, table: &Arc<Table>, input: &LogicalPlan) -> Res
     for (k, v) in keys.iter().zip(row_values(table, &rows)?) {
         batch.put(k, v);
     }
-    let change = ChangeBatch::uniform(rows, 1);
+    let change = ChangeBatch::uniform(rows.clone(), 1);
     engine
         .commit(
             batch,
@@ -155,14 +149,13 @@ async fn insert(engine: &Engine, table: &Arc<Table>, input: &LogicalPlan) -> Res
             }],
         )
         .await?;
-    Ok(n)
+    Ok(rows)
 }
 
-async fn delete(engine: &Engine, table: &Arc<Table>, input: &LogicalPlan) -> Result<usize> {
+async fn delete(engine: &Engine, table: &Arc<Table>, input: &LogicalPlan) -> Result<RecordBatch> {
     let old = collect_rows(engine, table, input).await?;
-    let n = old.num_rows();
-    if n == 0 {
-        return Ok(0);
+    if old.num_rows() == 0 {
+        return Ok(old);
     }
     let mut batch = WriteBatch::default();
     for k in stored_keys(engine, table, &old)? {
@@ -173,14 +166,14 @@ async fn delete(engine: &Engine, table: &Arc<Table>, input: &LogicalPlan) -> Res
             batch,
             vec![TableChange {
                 table_id: table.def.id,
-                changes: ChangeBatch::uniform(old, -1),
+                changes: ChangeBatch::uniform(old.clone(), -1),
             }],
         )
         .await?;
-    Ok(n)
+    Ok(old)
 }
 
-async fn update(engine: &Engine, table: &Arc<Table>, input: LogicalPlan) -> Result<usize> {
+async fn update(engine: &Engine, table: &Arc<Table>, input: LogicalPlan) -> Result<RecordBatch> {
     let ncols = table.def.columns.len();
     // DataFusion's UPDATE input projects the new row; also project the old
     // one so that we can delete it (the old key may differ from the new).
@@ -195,14 +188,12 @@ async fn update(engine: &Engine, table: &Arc<Table>, input: LogicalPlan) -> Resu
     }
     let plan = LogicalPlan::Projection(Projection::try_new(exprs, p.input.clone())?);
     let (_, batches) = engine.run_plan(&plan).await?;
-    let both = if batches.is_empty() {
-        return Ok(0);
-    } else {
-        concat_batches(&batches[0].schema(), &batches)?
+    let Some(first) = batches.first() else {
+        return Ok(RecordBatch::new_empty(table.schema.clone()));
     };
-    let n = both.num_rows();
-    if n == 0 {
-        return Ok(0);
+    let both = concat_batches(&first.schema(), &batches)?;
+    if both.num_rows() == 0 {
+        return Ok(RecordBatch::new_empty(table.schema.clone()));
     }
     let new = conform(
         table,
@@ -228,7 +219,10 @@ async fn update(engine: &Engine, table: &Arc<Table>, input: LogicalPlan) -> Resu
     }
     let change = ChangeBatch::concat(
         &table.schema,
-        &[ChangeBatch::uniform(old, -1), ChangeBatch::uniform(new, 1)],
+        &[
+            ChangeBatch::uniform(old, -1),
+            ChangeBatch::uniform(new.clone(), 1),
+        ],
     )?;
     engine
         .commit(
@@ -239,7 +233,7 @@ async fn update(engine: &Engine, table: &Arc<Table>, input: LogicalPlan) -> Resu
             }],
         )
         .await?;
-    Ok(n)
+    Ok(new)
 }
 
 /// Runs a DML input plan and conforms its rows to the table.
@@ -427,4 +421,121 @@ fn key_detail(table: &Table, rows: &RecordBatch, row: usize) -> String {
         names.join(", "),
         values.join(", ")
     )
+}
+
+/// A DML statement's `RETURNING` list, planned against the table's columns
+/// when the statement is prepared (so Describe can report its columns).
+#[derive(Debug)]
+pub struct Returning {
+    table: String,
+    table_schema: SchemaRef,
+    exprs: Vec<Expr>,
+    /// Result schema.
+    pub schema: SchemaRef,
+    /// Column names as PostgreSQL reports them.
+    pub names: Vec<String>,
+}
+
+/// Splits `RETURNING` off a DML statement: DataFusion plans the rest.
+pub fn split_returning(stmt: &Statement) -> (Statement, Option<Vec<ast::SelectItem>>) {
+    let mut s = stmt.clone();
+    let items = match &mut s {
+        Statement::Insert(i) => i.returning.take(),
+        Statement::Update(u) => u.returning.take(),
+        Statement::Delete(d) => d.returning.take(),
+        _ => None,
+    };
+    (s, items)
+}
+
+/// Plans `items` over the rows of the table a DML plan writes.
+pub async fn plan_returning(
+    engine: &Engine,
+    plan: &LogicalPlan,
+    items: &[ast::SelectItem],
+) -> Result<Returning> {
+    let LogicalPlan::Dml(dml) = plan else {
+        return Err(Error::Internal("RETURNING on a non-DML plan".into()));
+    };
+    let name = dml.table_name.table().to_string();
+    let table = engine
+        .catalog
+        .table(&name)
+        .ok_or_else(|| Error::UndefinedTable(name.clone()))?;
+    let df_schema = DFSchema::try_from_qualified_schema(name.as_str(), &table.schema)?;
+    let state = engine.state();
+    let mut exprs = Vec::new();
+    let mut names = Vec::new();
+    for item in items {
+        match item {
+            ast::SelectItem::UnnamedExpr(e) => {
+                let expr = state.create_logical_expr_from_sql_expr(
+                    ast::ExprWithAlias {
+                        expr: e.clone(),
+                        alias: None,
+                    },
+                    &df_schema,
+                )?;
+                exprs.push(expr);
+                names.push(super::select::expr_name(e));
+            }
+            ast::SelectItem::ExprWithAlias { expr, alias } => {
+                exprs.push(state.create_logical_expr_from_sql_expr(
+                    ast::ExprWithAlias {
+                        expr: expr.clone(),
+                        alias: None,
+                    },
+                    &df_schema,
+                )?);
+                names.push(super::normalize_ident(alias));
+            }
+            ast::SelectItem::Wildcard(_) | ast::SelectItem::QualifiedWildcard(..) => {
+                for c in &table.def.columns {
+                    exprs.push(Expr::Column(Column::new(Some(name.as_str()), &c.name)));
+                    names.push(c.name.clone());
+                }
+            }
+            other => {
+                return Err(Error::unsupported(format!(
+                    "RETURNING item {other} is not supported"
+                )))
+            }
+        }
+    }
+    // Projection names must be unique inside a plan; PostgreSQL's may repeat.
+    let exprs: Vec<Expr> = exprs
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| e.alias(format!("__returning_{i}")))
+        .collect();
+    let mut r = Returning {
+        table: name,
+        table_schema: table.schema.clone(),
+        exprs,
+        schema: table.schema.clone(),
+        names,
+    };
+    r.schema = r
+        .plan(RecordBatch::new_empty(table.schema.clone()))?
+        .schema()
+        .inner()
+        .clone();
+    Ok(r)
+}
+
+impl Returning {
+    fn plan(&self, rows: RecordBatch) -> Result<LogicalPlan> {
+        let mem = MemTable::try_new(self.table_schema.clone(), vec![vec![rows]])?;
+        Ok(
+            LogicalPlanBuilder::scan(self.table.as_str(), provider_as_source(Arc::new(mem)), None)?
+                .project(self.exprs.clone())?
+                .build()?,
+        )
+    }
+
+    /// Evaluates the list over the affected rows.
+    pub async fn eval(&self, engine: &Engine, rows: RecordBatch) -> Result<Vec<RecordBatch>> {
+        let (_, batches) = engine.run_plan(&self.plan(rows)?).await?;
+        Ok(batches)
+    }
 }

@@ -50,11 +50,16 @@ pub struct Prepared {
     /// Result column names as PostgreSQL would print them, when they differ
     /// from DataFusion's (`?column?`, `count`, …).
     pub column_names: Option<Vec<Option<String>>>,
+    /// The `RETURNING` list of an INSERT/UPDATE/DELETE.
+    pub returning: Option<Arc<dml::Returning>>,
 }
 
 impl Prepared {
     /// The result schema, if the statement returns rows.
     pub fn result_schema(&self) -> Option<SchemaRef> {
+        if let Some(r) = &self.returning {
+            return Some(r.schema.clone());
+        }
         match (&self.plan, &self.stmt) {
             (Some(LogicalPlan::Dml(_)), _) => None,
             (Some(plan), _) => Some(Arc::new(plan.schema().as_arrow().clone())),
@@ -119,6 +124,7 @@ pub struct Ctx<'a> {
 
 /// Plans `stmt` for later execution.
 pub async fn prepare(engine: &Engine, sql: &str, stmt: Statement) -> Result<Prepared> {
+    let mut returning = None;
     let (plan, column_names) = match &stmt {
         Statement::Query(q) => {
             let plan = engine.plan(&stmt).await?;
@@ -128,7 +134,15 @@ pub async fn prepare(engine: &Engine, sql: &str, stmt: Statement) -> Result<Prep
         Statement::Explain { .. } => (Some(engine.plan(&stmt).await?), None),
         Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) => {
             dml::check_supported(&stmt)?;
-            (Some(engine.plan(&stmt).await?), None)
+            let (without_returning, items) = dml::split_returning(&stmt);
+            let plan = engine.plan(&without_returning).await?;
+            let mut names = None;
+            if let Some(items) = items {
+                let r = dml::plan_returning(engine, &plan, &items).await?;
+                names = Some(r.names.iter().cloned().map(Some).collect());
+                returning = Some(Arc::new(r));
+            }
+            (Some(plan), names)
         }
         _ => (None, None),
     };
@@ -137,6 +151,7 @@ pub async fn prepare(engine: &Engine, sql: &str, stmt: Statement) -> Result<Prep
         stmt,
         plan,
         column_names,
+        returning,
     })
 }
 
@@ -153,16 +168,25 @@ pub async fn execute(
         };
         return match plan {
             LogicalPlan::Dml(dml) => {
-                let count = dml::execute(ctx.engine, &prepared.stmt, dml).await?;
+                let affected = dml::execute(ctx.engine, &prepared.stmt, dml).await?;
                 let tag = match &prepared.stmt {
                     Statement::Insert(_) => "INSERT",
                     Statement::Update(_) => "UPDATE",
                     _ => "DELETE",
                 };
-                Ok(Outcome::Command {
-                    tag,
-                    rows: Some(count),
-                })
+                match &prepared.returning {
+                    Some(r) => Ok(Outcome::Rows(Rows {
+                        schema: r.schema.clone(),
+                        batches: r.eval(ctx.engine, affected).await?,
+                        names: Some(r.names.clone()),
+                        // pgwire appends the row count: `INSERT 0 n`.
+                        tag: if tag == "INSERT" { "INSERT 0" } else { tag },
+                    })),
+                    None => Ok(Outcome::Command {
+                        tag,
+                        rows: Some(affected.num_rows()),
+                    }),
+                }
             }
             plan => {
                 select::run(

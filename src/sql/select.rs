@@ -76,7 +76,8 @@ fn first_select(body: &SetExpr) -> Option<&ast::Select> {
     }
 }
 
-fn expr_name(e: &Expr) -> String {
+/// PostgreSQL's name for an unaliased result expression.
+pub fn expr_name(e: &Expr) -> String {
     match e {
         Expr::Identifier(id) => normalize_ident(id),
         Expr::CompoundIdentifier(ids) => ids.last().map(normalize_ident).unwrap_or_else(unknown),
