@@ -210,6 +210,17 @@ async fn extended_protocol_describe_portals_and_errors() {
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "ten");
+    // RETURNING with parameters: described columns and rows.
+    let st = c
+        .prepare("INSERT INTO t VALUES ($1, $2) RETURNING id, upper(name)")
+        .await
+        .unwrap();
+    assert_eq!(st.columns()[1].name(), "upper");
+    let rows = c.query(&st, &[&42i32, &"x"]).await.unwrap();
+    assert_eq!(
+        (rows[0].get::<_, i32>(0), rows[0].get::<_, String>(1)),
+        (42, "X".to_string())
+    );
     let n = c
         .execute("DELETE FROM t WHERE id <= $1", &[&5i32])
         .await

@@ -36,27 +36,15 @@ use crate::state::encoding::{encode_row, table_prefix};
 
 /// Rejects DML forms we do not support, before planning, with 0A000.
 pub fn check_supported(stmt: &Statement) -> Result<()> {
-    match stmt {
-        Statement::Insert(i) => {
-            if i.on.is_some() {
-                return Err(Error::unsupported(
-                    "INSERT … ON CONFLICT is not supported yet",
-                ));
-            }
-        }
-        Statement::Update(u) => {
-            if u.from.is_some() {
-                return Err(Error::unsupported("UPDATE … FROM is not supported yet"));
-            }
-        }
-        Statement::Delete(d) => {
-            if d.using.is_some() {
-                return Err(Error::unsupported("DELETE … USING is not supported yet"));
-            }
-        }
-        _ => {}
-    }
-    Ok(())
+    let unsupported = match stmt {
+        Statement::Insert(i) if i.on.is_some() => "INSERT … ON CONFLICT",
+        Statement::Update(u) if u.from.is_some() => "UPDATE … FROM",
+        Statement::Delete(d) if d.using.is_some() => "DELETE … USING",
+        _ => return Ok(()),
+    };
+    Err(Error::unsupported(format!(
+        "{unsupported} is not supported yet"
+    )))
 }
 
 /// Executes a planned DML statement; returns the affected rows (inserted,
