@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BinaryBuilder};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray};
 use datafusion::arrow::datatypes::{DataType, IntervalUnit};
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode};
@@ -68,43 +68,58 @@ pub fn parse_bytea(s: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// The `pg_bytea_in(text) → bytea` function.
-pub fn bytea_in_udf() -> ScalarUDF {
+/// Builds a `text → out` function from a parser of one value. NULL maps to
+/// NULL; a parse error becomes a cast error (SQLSTATE 22P02).
+fn text_input_udf(
+    name: &str,
+    out: DataType,
+    parse: impl Fn(&str) -> Result<ScalarValue, String> + Send + Sync + 'static,
+) -> ScalarUDF {
+    let out_type = out.clone();
     create_udf(
-        BYTEA_IN,
+        name,
         vec![DataType::Utf8],
-        DataType::Binary,
+        out,
         Volatility::Immutable,
-        Arc::new(|args: &[ColumnarValue]| {
+        Arc::new(move |args: &[ColumnarValue]| {
             let arr: ArrayRef = match &args[0] {
                 ColumnarValue::Array(a) => a.clone(),
                 ColumnarValue::Scalar(s) => s.to_array()?,
             };
             let arr = datafusion::arrow::compute::cast(&arr, &DataType::Utf8)?;
-            let strings = arr.as_string::<i32>();
-            let mut b = BinaryBuilder::new();
-            for v in strings.iter() {
-                match v {
-                    None => b.append_null(),
-                    Some(s) => b.append_value(parse_bytea(s).map_err(|m| {
+            let values = arr
+                .as_string::<i32>()
+                .iter()
+                .map(|v| match v {
+                    None => Ok(ScalarValue::try_from(&out_type)?),
+                    Some(s) => parse(s).map_err(|m| {
                         DataFusionError::ArrowError(
-                            Box::new(datafusion::arrow::error::ArrowError::CastError(format!(
-                                "Cannot cast string '{s}' to value of Binary type: {m}"
-                            ))),
+                            Box::new(datafusion::arrow::error::ArrowError::CastError(m)),
                             None,
                         )
-                    })?),
-                }
-            }
-            let out: ArrayRef = Arc::new(b.finish());
+                    }),
+                })
+                .collect::<DfResult<Vec<_>>>()?;
+            let result: ArrayRef = if values.is_empty() {
+                datafusion::arrow::array::new_empty_array(&out_type)
+            } else {
+                ScalarValue::iter_to_array(values)?
+            };
             Ok(match &args[0] {
                 ColumnarValue::Scalar(_) => {
-                    ColumnarValue::Scalar(ScalarValue::try_from_array(&out, 0)?)
+                    ColumnarValue::Scalar(ScalarValue::try_from_array(&result, 0)?)
                 }
-                ColumnarValue::Array(_) => ColumnarValue::Array(out),
+                ColumnarValue::Array(_) => ColumnarValue::Array(result),
             })
         }),
     )
+}
+
+/// The `pg_bytea_in(text) → bytea` function.
+pub fn bytea_in_udf() -> ScalarUDF {
+    text_input_udf(BYTEA_IN, DataType::Binary, |s| {
+        parse_bytea(s).map(|b| ScalarValue::Binary(Some(b)))
+    })
 }
 
 /// Name of the interval input function.
@@ -209,74 +224,28 @@ pub fn parse_interval(s: &str) -> Option<(i32, i32, i64)> {
 
 /// The `pg_interval_in(text) → interval` function.
 pub fn interval_in_udf() -> ScalarUDF {
-    use datafusion::arrow::array::IntervalMonthDayNanoBuilder;
-    use datafusion::arrow::datatypes::{IntervalMonthDayNano, IntervalUnit};
-    let out_type = DataType::Interval(IntervalUnit::MonthDayNano);
-    create_udf(
-        INTERVAL_IN,
-        vec![DataType::Utf8],
-        out_type.clone(),
-        Volatility::Immutable,
-        Arc::new(move |args: &[ColumnarValue]| {
-            let arr: ArrayRef = match &args[0] {
-                ColumnarValue::Array(a) => a.clone(),
-                ColumnarValue::Scalar(s) => s.to_array()?,
-            };
-            let arr = datafusion::arrow::compute::cast(&arr, &DataType::Utf8)?;
-            let strings = arr.as_string::<i32>();
-            let mut b = IntervalMonthDayNanoBuilder::new();
-            for v in strings.iter() {
-                match v {
-                    None => b.append_null(),
-                    Some(s) => match parse_interval(s) {
-                        Some((m, d, us)) => b.append_value(IntervalMonthDayNano::new(
-                            m,
-                            d,
-                            us.checked_mul(1000).ok_or_else(|| {
-                                DataFusionError::Execution(format!(
-                                    "interval out of range: \"{s}\""
-                                ))
-                            })?,
-                        )),
-                        None => {
-                            // Arrow's parser knows a few more forms.
-                            let one = datafusion::arrow::array::StringArray::from(vec![s]);
-                            let parsed = datafusion::arrow::compute::cast(&one, &out_type)
-                                .map_err(|_| {
-                                    DataFusionError::ArrowError(
-                                        Box::new(datafusion::arrow::error::ArrowError::CastError(
-                                            format!(
-                                                "invalid input syntax for type interval: \"{s}\""
-                                            ),
-                                        )),
-                                        None,
-                                    )
-                                })?;
-                            if parsed.is_null(0) {
-                                return Err(DataFusionError::ArrowError(
-                                    Box::new(datafusion::arrow::error::ArrowError::CastError(
-                                        format!("invalid input syntax for type interval: \"{s}\""),
-                                    )),
-                                    None,
-                                ));
-                            }
-                            let iv = parsed
-                                .as_primitive::<datafusion::arrow::datatypes::IntervalMonthDayNanoType>()
-                                .value(0);
-                            b.append_value(iv);
-                        }
-                    },
-                }
+    use datafusion::arrow::datatypes::{IntervalMonthDayNano, IntervalMonthDayNanoType};
+    let out = DataType::Interval(IntervalUnit::MonthDayNano);
+    let fallback_type = out.clone();
+    text_input_udf(INTERVAL_IN, out, move |s| {
+        let bad = || format!("invalid input syntax for type interval: \"{s}\"");
+        let iv = match parse_interval(s) {
+            Some((m, d, us)) => {
+                IntervalMonthDayNano::new(m, d, us.checked_mul(1000).ok_or_else(bad)?)
             }
-            let out: ArrayRef = Arc::new(b.finish());
-            Ok(match &args[0] {
-                ColumnarValue::Scalar(_) => {
-                    ColumnarValue::Scalar(ScalarValue::try_from_array(&out, 0)?)
+            None => {
+                // Arrow's parser knows a few more forms; it yields NULL on failure.
+                let one = datafusion::arrow::array::StringArray::from(vec![s]);
+                let parsed =
+                    datafusion::arrow::compute::cast(&one, &fallback_type).map_err(|_| bad())?;
+                if parsed.is_null(0) {
+                    return Err(bad());
                 }
-                ColumnarValue::Array(_) => ColumnarValue::Array(out),
-            })
-        }),
-    )
+                parsed.as_primitive::<IntervalMonthDayNanoType>().value(0)
+            }
+        };
+        Ok(ScalarValue::IntervalMonthDayNano(Some(iv)))
+    })
 }
 
 /// Rewrites text → bytea casts to [`BYTEA_IN`] and text → interval casts

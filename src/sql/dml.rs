@@ -127,16 +127,7 @@ async fn insert(engine: &Engine, table: &Arc<Table>, input: &LogicalPlan) -> Res
     for (k, v) in keys.iter().zip(row_values(table, &rows)?) {
         batch.put(k, v);
     }
-    let change = ChangeBatch::uniform(rows.clone(), 1);
-    engine
-        .commit(
-            batch,
-            vec![TableChange {
-                table_id: table.def.id,
-                changes: change,
-            }],
-        )
-        .await?;
+    commit(engine, table, batch, ChangeBatch::uniform(rows.clone(), 1)).await?;
     Ok(rows)
 }
 
@@ -149,15 +140,7 @@ async fn delete(engine: &Engine, table: &Arc<Table>, input: &LogicalPlan) -> Res
     for k in stored_keys(engine, table, &old)? {
         batch.delete(k);
     }
-    engine
-        .commit(
-            batch,
-            vec![TableChange {
-                table_id: table.def.id,
-                changes: ChangeBatch::uniform(old.clone(), -1),
-            }],
-        )
-        .await?;
+    commit(engine, table, batch, ChangeBatch::uniform(old.clone(), -1)).await?;
     Ok(old)
 }
 
@@ -212,16 +195,22 @@ async fn update(engine: &Engine, table: &Arc<Table>, input: LogicalPlan) -> Resu
             ChangeBatch::uniform(new.clone(), 1),
         ],
     )?;
-    engine
-        .commit(
-            batch,
-            vec![TableChange {
-                table_id: table.def.id,
-                changes: change,
-            }],
-        )
-        .await?;
+    commit(engine, table, batch, change).await?;
     Ok(new)
+}
+
+/// Commits one statement's writes and its change batch for `table`.
+async fn commit(
+    engine: &Engine,
+    table: &Table,
+    batch: WriteBatch,
+    changes: ChangeBatch,
+) -> Result<()> {
+    let change = TableChange {
+        table_id: table.def.id,
+        changes,
+    };
+    engine.commit(batch, vec![change]).await
 }
 
 /// Runs a DML input plan and conforms its rows to the table.
