@@ -28,8 +28,9 @@ use datafusion_pg_catalog::pg_catalog::{context::EmptyContextProvider, setup_pg_
 use rocksdb::WriteBatch;
 use tokio::sync::{broadcast, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, CatalogEntry, Relation};
 use crate::config::Config;
+use crate::dataflow::operator::{OpCtx, Pipeline};
 use crate::dataflow::TableChange;
 use crate::error::{Error, Result};
 use crate::query::SluiceSchema;
@@ -63,6 +64,8 @@ pub struct Engine {
     exec: Option<tokio::runtime::Runtime>,
     writer: Mutex<()>,
     snapshot: Arc<RwLock<()>>,
+    /// Pipelines of the materialized views, run inside every commit.
+    pipelines: parking_lot::Mutex<Vec<Pipeline>>,
     change_feed: broadcast::Sender<Arc<TableChange>>,
 }
 
@@ -122,13 +125,37 @@ impl Engine {
             ),
             writer: Mutex::new(()),
             snapshot: Arc::new(RwLock::new(())),
+            pipelines: parking_lot::Mutex::new(Vec::new()),
             change_feed,
         });
         // Views are stored as SQL and re-planned in creation order, which is
         // a valid dependency order (a view can only read older relations).
-        for def in views {
-            let plan = engine.plan_view_sql(&def.sql)?;
-            engine.catalog.restore_view(def, plan);
+        // Materialized views get their pipelines back; their rows and state
+        // are already in RocksDB, exactly as of the last commit.
+        for entry in views {
+            match entry {
+                CatalogEntry::View(def) => {
+                    let plan = engine.plan_view_sql(&def.sql)?;
+                    engine.catalog.restore_view(def, plan);
+                }
+                CatalogEntry::MaterializedView(def) => {
+                    let plan = engine.plan_view_sql(&def.sql)?;
+                    let plan = engine.state().optimize(&plan)?;
+                    let names: Vec<String> = def.columns.iter().map(|c| c.name.clone()).collect();
+                    let planned = crate::planner::plan_view(&plan, def.id, Some(&names), &|n| {
+                        engine.source_id(n)
+                    })?;
+                    if planned.columns != def.columns {
+                        return Err(Error::Internal(format!(
+                            "materialized view \"{}\" plans to different columns than it stored",
+                            def.name
+                        )));
+                    }
+                    engine.catalog.register_mv(def);
+                    engine.add_pipeline(planned.pipeline);
+                }
+                CatalogEntry::Table(_) => {}
+            }
         }
         Ok(engine)
     }
@@ -197,13 +224,71 @@ impl Engine {
         self.snapshot.read().await
     }
 
-    /// The commit path: applies `batch` atomically and durably, then
-    /// publishes `changes` to the change feed.
-    pub async fn commit(&self, batch: WriteBatch, changes: Vec<TableChange>) -> Result<()> {
-        {
-            let _exclusive = self.snapshot.write().await;
-            self.store.write(batch)?;
+    /// The id whose changes feed a view reading relation `name` (a table or
+    /// a materialized view).
+    pub fn source_id(&self, name: &str) -> Option<u32> {
+        match self.catalog.get(name)? {
+            Relation::Table(t) => Some(t.def.id),
+            Relation::MaterializedView(m) => Some(m.def.id),
+            Relation::View(_) => None,
         }
+    }
+
+    /// Starts maintaining a materialized view.
+    pub fn add_pipeline(&self, p: Pipeline) {
+        self.pipelines.lock().push(p);
+    }
+
+    /// Stops maintaining the views with these ids.
+    pub fn remove_pipelines(&self, sinks: &[u32]) {
+        self.pipelines.lock().retain(|p| !sinks.contains(&p.sink));
+    }
+
+    /// Runs `changes` through every view pipeline they feed (and the views'
+    /// own changes through the views that read them), staging all state and
+    /// view rows into `batch`. Returns every change, the views' included.
+    fn propagate(
+        &self,
+        batch: &mut WriteBatch,
+        mut changes: Vec<TableChange>,
+    ) -> Result<Vec<TableChange>> {
+        let mut pipelines = self.pipelines.lock();
+        if pipelines.is_empty() {
+            return Ok(changes);
+        }
+        let mut ctx = OpCtx::new(&self.store, batch);
+        let mut i = 0;
+        while i < changes.len() {
+            let source = changes[i].table_id;
+            let mut produced = Vec::new();
+            for p in pipelines.iter_mut().filter(|p| p.source == source) {
+                let out = p.process(changes[i].changes.clone(), &mut ctx)?;
+                if !out.is_empty() {
+                    produced.push(TableChange {
+                        table_id: p.sink,
+                        changes: out,
+                    });
+                }
+            }
+            changes.extend(produced);
+            i += 1;
+        }
+        Ok(changes)
+    }
+
+    /// Applies a batch atomically and durably, excluding readers for the
+    /// instant of the write.
+    pub async fn apply(&self, batch: WriteBatch) -> Result<()> {
+        let _exclusive = self.snapshot.write().await;
+        self.store.write(batch)
+    }
+
+    /// The commit path: maintains every materialized view the changes feed
+    /// (in the same batch), applies `batch` atomically and durably, then
+    /// publishes the changes to the change feed.
+    pub async fn commit(&self, mut batch: WriteBatch, changes: Vec<TableChange>) -> Result<()> {
+        let changes = self.propagate(&mut batch, changes)?;
+        self.apply(batch).await?;
         for c in changes {
             if !c.changes.is_empty() {
                 // No subscribers is fine: nothing maintains this table yet.

@@ -62,6 +62,7 @@ pub mod config;
 pub mod dataflow;
 pub mod engine;
 pub mod error;
+pub mod planner;
 pub mod query;
 pub mod server;
 pub mod session;

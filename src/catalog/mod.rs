@@ -67,6 +67,28 @@ pub struct ViewDef {
     pub depends_on: Vec<String>,
 }
 
+/// An incrementally maintained materialized view.
+///
+/// Its rows are stored like a table's under its id: keyed by `key` (the
+/// GROUP BY columns of an aggregate), or — when `key` is empty — by the
+/// whole row with a trailing multiplicity, since a non-aggregate view can
+/// hold duplicate rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MvDef {
+    /// Object id; also the key prefix of the view's rows.
+    pub id: u32,
+    /// View name.
+    pub name: String,
+    /// The defining `SELECT`, as text; re-planned at startup.
+    pub sql: String,
+    /// Names of the relations the query reads.
+    pub depends_on: Vec<String>,
+    /// Output columns.
+    pub columns: Vec<ColumnDef>,
+    /// Key columns of the stored rows; empty means "whole row, counted".
+    pub key: Vec<usize>,
+}
+
 /// What the catalog persists per object.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -75,6 +97,8 @@ pub enum CatalogEntry {
     Table(TableDef),
     /// A view.
     View(ViewDef),
+    /// A materialized view.
+    MaterializedView(MvDef),
 }
 
 impl CatalogEntry {
@@ -82,6 +106,7 @@ impl CatalogEntry {
         match self {
             CatalogEntry::Table(t) => t.id,
             CatalogEntry::View(v) => v.id,
+            CatalogEntry::MaterializedView(m) => m.id,
         }
     }
 }
@@ -95,6 +120,9 @@ pub struct Table {
     pub schema: SchemaRef,
     /// Next hidden row id (tables without a primary key).
     next_row_id: AtomicU64,
+    /// Stored values end with a `u64` multiplicity (materialized views
+    /// keyed by the whole row).
+    pub counted: bool,
 }
 
 impl Table {
@@ -108,7 +136,23 @@ impl Table {
             schema: Arc::new(Schema::new(fields)),
             def,
             next_row_id: AtomicU64::new(next_row_id),
+            counted: false,
         }
+    }
+
+    /// The storage layout of a materialized view's rows.
+    pub fn for_mv(def: &MvDef) -> Table {
+        let mut t = Table::new(
+            TableDef {
+                id: def.id,
+                name: def.name.clone(),
+                columns: def.columns.clone(),
+                primary_key: def.key.clone(),
+            },
+            0,
+        );
+        t.counted = def.key.is_empty();
+        t
     }
 
     /// Column types in order.
@@ -142,6 +186,15 @@ pub struct View {
     pub plan: LogicalPlan,
 }
 
+/// A materialized view as the engine uses it.
+#[derive(Debug)]
+pub struct MaterializedView {
+    /// The persisted definition.
+    pub def: MvDef,
+    /// Its rows' storage layout (read like a table).
+    pub table: Arc<Table>,
+}
+
 /// A relation found by name.
 #[derive(Debug, Clone)]
 pub enum Relation {
@@ -149,12 +202,15 @@ pub enum Relation {
     Table(Arc<Table>),
     /// A view.
     View(Arc<View>),
+    /// A materialized view.
+    MaterializedView(Arc<MaterializedView>),
 }
 
 #[derive(Default)]
 struct State {
     tables: BTreeMap<String, Arc<Table>>,
     views: BTreeMap<String, Arc<View>>,
+    mvs: BTreeMap<String, Arc<MaterializedView>>,
     next_id: u32,
 }
 
@@ -165,9 +221,9 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Loads the catalog from the store. Views are returned, in creation
-    /// order, for the caller to re-plan and [`Catalog::restore_view`].
-    pub fn load(store: Arc<Store>) -> Result<(Catalog, Vec<ViewDef>)> {
+    /// Loads the catalog from the store. Views and materialized views are
+    /// returned, in creation order, for the caller to re-plan and restore.
+    pub fn load(store: Arc<Store>) -> Result<(Catalog, Vec<CatalogEntry>)> {
         let mut state = State {
             next_id: FIRST_USER_ID,
             ..Default::default()
@@ -203,7 +259,7 @@ impl Catalog {
                         .tables
                         .insert(def.name.clone(), Arc::new(Table::new(def, next)));
                 }
-                CatalogEntry::View(def) => views.push(def),
+                other => views.push(other),
             }
         }
         Ok((
@@ -221,7 +277,15 @@ impl Catalog {
         if let Some(t) = s.tables.get(name) {
             return Some(Relation::Table(t.clone()));
         }
+        if let Some(m) = s.mvs.get(name) {
+            return Some(Relation::MaterializedView(m.clone()));
+        }
         s.views.get(name).map(|v| Relation::View(v.clone()))
+    }
+
+    /// Names of all materialized views, sorted.
+    pub fn mv_names(&self) -> Vec<String> {
+        self.state.read().mvs.keys().cloned().collect()
     }
 
     /// Looks a table up by name.
@@ -232,7 +296,13 @@ impl Catalog {
     /// Names of all relations, sorted.
     pub fn relation_names(&self) -> Vec<String> {
         let s = self.state.read();
-        let mut names: Vec<String> = s.tables.keys().chain(s.views.keys()).cloned().collect();
+        let mut names: Vec<String> = s
+            .tables
+            .keys()
+            .chain(s.views.keys())
+            .chain(s.mvs.keys())
+            .cloned()
+            .collect();
         names.sort();
         names
     }
@@ -247,15 +317,20 @@ impl Catalog {
         self.state.read().views.keys().cloned().collect()
     }
 
-    /// Views that read `name` directly.
+    /// Views and materialized views that read `name` directly.
     pub fn dependents(&self, name: &str) -> Vec<String> {
-        self.state
-            .read()
+        let s = self.state.read();
+        let views = s
             .views
             .values()
             .filter(|v| v.def.depends_on.iter().any(|d| d == name))
-            .map(|v| v.def.name.clone())
-            .collect()
+            .map(|v| v.def.name.clone());
+        let mvs = s
+            .mvs
+            .values()
+            .filter(|m| m.def.depends_on.iter().any(|d| d == name))
+            .map(|m| m.def.name.clone());
+        views.chain(mvs).collect()
     }
 
     fn allocate_id(state: &mut State, batch: &mut WriteBatch) -> u32 {
@@ -269,7 +344,10 @@ impl Catalog {
     }
 
     fn ensure_free(state: &State, name: &str) -> Result<()> {
-        if state.tables.contains_key(name) || state.views.contains_key(name) {
+        if state.tables.contains_key(name)
+            || state.views.contains_key(name)
+            || state.mvs.contains_key(name)
+        {
             return Err(Error::DuplicateObject(name.to_string()));
         }
         Ok(())
@@ -302,6 +380,33 @@ impl Catalog {
         Ok(())
     }
 
+    /// Reserves an object id (for a materialized view whose rows must be
+    /// written, under that id, in the same batch as its catalog entry).
+    pub fn reserve_id(&self, batch: &mut WriteBatch) -> u32 {
+        Self::allocate_id(&mut self.state.write(), batch)
+    }
+
+    /// Stages a new materialized view's entry in `batch`; the caller writes
+    /// the batch (with the view's backfilled rows) and then calls
+    /// [`Catalog::register_mv`].
+    pub fn stage_mv(&self, def: &MvDef, batch: &mut WriteBatch) -> Result<()> {
+        Self::ensure_free(&self.state.read(), &def.name)?;
+        put_entry(batch, &CatalogEntry::MaterializedView(def.clone()))
+    }
+
+    /// Makes a materialized view visible (after creation or at startup).
+    pub fn register_mv(&self, def: MvDef) -> Arc<MaterializedView> {
+        let mv = Arc::new(MaterializedView {
+            table: Arc::new(Table::for_mv(&def)),
+            def,
+        });
+        self.state
+            .write()
+            .mvs
+            .insert(mv.def.name.clone(), mv.clone());
+        mv
+    }
+
     /// Re-registers a view loaded at startup.
     pub fn restore_view(&self, def: ViewDef, plan: LogicalPlan) {
         self.state
@@ -324,12 +429,18 @@ impl Catalog {
                 batch.delete_range(prefix.to_vec(), prefix_end(&prefix));
             } else if let Some(v) = state.views.get(name) {
                 batch.delete(sys_key(SYS_CATALOG, &v.def.id.to_be_bytes()));
+            } else if let Some(m) = state.mvs.get(name) {
+                let id = m.def.id;
+                batch.delete(sys_key(SYS_CATALOG, &id.to_be_bytes()));
+                let prefix = table_prefix(id);
+                batch.delete_range(prefix.to_vec(), prefix_end(&prefix));
             }
         }
         self.store.write(batch)?;
         for name in names {
             state.tables.remove(name);
             state.views.remove(name);
+            state.mvs.remove(name);
         }
         Ok(())
     }

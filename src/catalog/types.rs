@@ -199,6 +199,42 @@ impl SqlType {
         }
     }
 
+    /// The SQL type that stores values of an Arrow type (for the columns of
+    /// a materialized view); values are cast to [`SqlType::arrow_type`].
+    pub fn from_arrow(dt: &DataType) -> Result<SqlType> {
+        Ok(match dt {
+            DataType::Boolean => SqlType::Bool,
+            DataType::Int8 | DataType::Int16 | DataType::UInt8 => SqlType::Int2,
+            DataType::Int32 | DataType::UInt16 => SqlType::Int4,
+            DataType::Int64 | DataType::UInt32 => SqlType::Int8,
+            DataType::UInt64 => SqlType::Numeric {
+                precision: 20,
+                scale: 0,
+            },
+            DataType::Float16 | DataType::Float32 => SqlType::Float4,
+            DataType::Float64 => SqlType::Float8,
+            DataType::Decimal128(p, s) if *s >= 0 => SqlType::Numeric {
+                precision: *p,
+                scale: *s,
+            },
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => SqlType::Text,
+            DataType::Binary | DataType::LargeBinary | DataType::BinaryView => SqlType::Bytea,
+            DataType::Date32 | DataType::Date64 => SqlType::Date,
+            DataType::Time32(_) | DataType::Time64(_) => SqlType::Time,
+            DataType::Timestamp(_, None) => SqlType::Timestamp,
+            DataType::Timestamp(_, Some(_)) => SqlType::TimestampTz,
+            DataType::Interval(_) => SqlType::Interval,
+            DataType::List(f) | DataType::LargeList(f) => {
+                SqlType::Array(Box::new(SqlType::from_arrow(f.data_type())?))
+            }
+            other => {
+                return Err(Error::unsupported(format!(
+                    "a materialized view column of type {other} is not supported"
+                )))
+            }
+        })
+    }
+
     /// The name PostgreSQL prints for this type.
     pub fn pg_name(&self) -> String {
         match self {

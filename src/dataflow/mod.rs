@@ -15,6 +15,8 @@
 //! per table per statement and publishes it on the engine's change feed;
 //! incrementally maintained views subscribe to that feed.
 
+pub mod operator;
+
 use datafusion::arrow::array::{Int64Array, RecordBatch};
 use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::SchemaRef;
@@ -66,6 +68,137 @@ impl ChangeBatch {
     }
 }
 
+impl ChangeBatch {
+    /// An empty change batch of `schema`.
+    pub fn empty(schema: SchemaRef) -> Self {
+        ChangeBatch::uniform(RecordBatch::new_empty(schema), 1)
+    }
+
+    /// Parses the test fixture format: one row per line, the weight first,
+    /// then the columns, `|`-separated; `NULL` is NULL. Blank lines and
+    /// lines starting with `#` are ignored.
+    ///
+    /// ```text
+    /// +1 | 1 | ann
+    /// -1 | 2 | NULL
+    /// ```
+    pub fn from_pretty(schema: SchemaRef, text: &str) -> Result<ChangeBatch> {
+        use datafusion::common::ScalarValue;
+        let mut weights = Vec::new();
+        let mut columns: Vec<Vec<ScalarValue>> = vec![Vec::new(); schema.fields().len()];
+        for line in text.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            if cells.len() != columns.len() + 1 {
+                return Err(Error::Internal(format!(
+                    "fixture line has {} cells, expected {}: {line}",
+                    cells.len(),
+                    columns.len() + 1
+                )));
+            }
+            weights.push(
+                cells[0]
+                    .trim_start_matches('+')
+                    .parse::<i64>()
+                    .map_err(|e| Error::Internal(format!("bad weight in {line}: {e}")))?,
+            );
+            for (i, (cell, field)) in cells[1..].iter().zip(schema.fields()).enumerate() {
+                let v = if *cell == "NULL" {
+                    ScalarValue::try_from(field.data_type())?
+                } else {
+                    ScalarValue::try_from_string(cell.to_string(), field.data_type())?
+                };
+                columns[i].push(v);
+            }
+        }
+        let data = if weights.is_empty() {
+            RecordBatch::new_empty(schema)
+        } else {
+            let arrays = columns
+                .into_iter()
+                .map(|c| ScalarValue::iter_to_array(c).map_err(Error::from))
+                .collect::<Result<Vec<_>>>()?;
+            RecordBatch::try_new(schema, arrays)?
+        };
+        Ok(ChangeBatch {
+            data,
+            weights: Int64Array::from(weights),
+        })
+    }
+
+    /// Prints the batch in the fixture format, rows sorted, so that two
+    /// batches with the same rows in any order print the same.
+    pub fn to_pretty(&self) -> Result<String> {
+        use datafusion::common::ScalarValue;
+        let mut lines = Vec::with_capacity(self.len());
+        for r in 0..self.len() {
+            let mut cells = vec![format!("{:+}", self.weights.value(r))];
+            for c in self.data.columns() {
+                let v = ScalarValue::try_from_array(c.as_ref(), r)?;
+                cells.push(if v.is_null() {
+                    "NULL".to_string()
+                } else {
+                    v.to_string()
+                });
+            }
+            lines.push(cells.join(" | "));
+        }
+        lines.sort();
+        Ok(lines.join("\n"))
+    }
+
+    /// Sums weights of identical rows and drops rows whose weight is zero:
+    /// the canonical form of a delta.
+    pub fn consolidate(&self) -> Result<ChangeBatch> {
+        use datafusion::arrow::compute::take;
+        use datafusion::arrow::row::{RowConverter, SortField};
+        if self.is_empty() {
+            return Ok(self.clone());
+        }
+        let fields = self
+            .data
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect();
+        let conv = RowConverter::new(fields)?;
+        let rows = conv.convert_columns(self.data.columns())?;
+        let mut sums: std::collections::HashMap<&[u8], (u32, i64)> = Default::default();
+        let mut order = Vec::new();
+        for i in 0..rows.num_rows() {
+            let key = rows.row(i).data();
+            let e = sums.entry(key).or_insert_with(|| {
+                order.push(key);
+                (i as u32, 0)
+            });
+            e.1 += self.weights.value(i);
+        }
+        let mut idx = Vec::new();
+        let mut w = Vec::new();
+        for k in order {
+            let (i, sum) = sums[k];
+            if sum != 0 {
+                idx.push(i);
+                w.push(sum);
+            }
+        }
+        let indices = datafusion::arrow::array::UInt32Array::from(idx);
+        let cols = self
+            .data
+            .columns()
+            .iter()
+            .map(|c| take(c.as_ref(), &indices, None))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(ChangeBatch {
+            data: RecordBatch::try_new(self.data.schema(), cols)?,
+            weights: Int64Array::from(w),
+        })
+    }
+}
+
 /// The change of one table made by one committed statement.
 #[derive(Debug, Clone)]
 pub struct TableChange {
@@ -73,4 +206,37 @@ pub struct TableChange {
     pub table_id: u32,
     /// The rows inserted (+1) and deleted (-1).
     pub changes: ChangeBatch,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("name", DataType::Utf8, true),
+        ]))
+    }
+
+    #[test]
+    fn pretty_roundtrip_and_consolidate() {
+        let b = ChangeBatch::from_pretty(
+            schema(),
+            "
+            +1 | 1 | ann
+            +1 | 2 | NULL
+            -1 | 1 | ann
+            +2 | 3 | cy
+            ",
+        )
+        .unwrap();
+        assert_eq!(b.len(), 4);
+        assert_eq!(
+            b.consolidate().unwrap().to_pretty().unwrap(),
+            "+1 | 2 | NULL\n+2 | 3 | cy"
+        );
+    }
 }

@@ -52,6 +52,10 @@ impl SchemaProvider for SluiceSchema {
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
         Ok(match self.catalog.get(name) {
             Some(Relation::Table(t)) => Some(Arc::new(StoredTable::new(t, self.store.clone()))),
+            Some(Relation::MaterializedView(m)) => Some(Arc::new(StoredTable::new(
+                m.table.clone(),
+                self.store.clone(),
+            ))),
             Some(Relation::View(v)) => Some(Arc::new(ViewTable::new(
                 v.plan.clone(),
                 Some(v.def.sql.clone()),

@@ -18,7 +18,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use crate::catalog::types::SqlType;
 use crate::catalog::Table;
 use crate::error::{Error, Result};
-use crate::state::encoding::{decode_row, encode_value, table_prefix};
+use crate::state::encoding::{decode_row, encode_value, split_counted, table_prefix};
 use crate::state::Store;
 
 /// Rows per Arrow batch produced by a scan.
@@ -109,7 +109,7 @@ impl StoredTable {
         match self.point_keys(filters) {
             Some(keys) => {
                 for v in self.store.multi_get(&keys)?.into_iter().flatten() {
-                    rows.push(decode_row(&v, &types)?);
+                    self.decode_into(&v, &types, &mut rows)?;
                 }
             }
             None => {
@@ -117,8 +117,7 @@ impl StoredTable {
                 let mut n = 0usize;
                 self.store
                     .scan_prefix(&table_prefix(self.table.def.id), |_, v| {
-                        rows.push(decode_row(v, &types)?);
-                        n += 1;
+                        n += self.decode_into(v, &types, &mut rows)?;
                         if rows.len() >= SCAN_BATCH_ROWS {
                             batches.push(self.to_batch(std::mem::take(&mut rows))?);
                         }
@@ -130,6 +129,27 @@ impl StoredTable {
             batches.push(self.to_batch(rows)?);
         }
         Ok(batches)
+    }
+
+    /// Decodes a stored value into `rows`: one row, or — for a counted
+    /// (materialized view) row — as many copies as its multiplicity.
+    fn decode_into(
+        &self,
+        v: &[u8],
+        types: &[SqlType],
+        rows: &mut Vec<Vec<ScalarValue>>,
+    ) -> Result<usize> {
+        if !self.table.counted {
+            rows.push(decode_row(v, types)?);
+            return Ok(1);
+        }
+        let (row, count) = split_counted(v)?;
+        let row = decode_row(row, types)?;
+        for _ in 1..count {
+            rows.push(row.clone());
+        }
+        rows.push(row);
+        Ok(count.max(0) as usize)
     }
 
     fn to_batch(&self, rows: Vec<Vec<ScalarValue>>) -> Result<RecordBatch> {

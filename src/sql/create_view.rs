@@ -10,9 +10,7 @@ use crate::sql::{object_name, Outcome};
 /// Creates a view.
 pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
     if cv.materialized {
-        return Err(Error::unsupported(
-            "CREATE MATERIALIZED VIEW is not supported yet",
-        ));
+        return super::create_mv::execute(engine, cv).await;
     }
     if cv.or_replace || cv.or_alter {
         return Err(Error::unsupported(

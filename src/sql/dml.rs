@@ -58,6 +58,11 @@ pub async fn execute(
     let name = dml.table_name.table().to_string();
     let table = match engine.catalog.get(&name) {
         Some(Relation::Table(t)) => t,
+        Some(Relation::MaterializedView(_)) => {
+            return Err(Error::WrongObjectType(format!(
+                "cannot change materialized view \"{name}\"; it is maintained from its query"
+            )))
+        }
         Some(Relation::View(_)) => {
             return Err(Error::WrongObjectType(format!(
                 "cannot change view \"{name}\"; views are read-only"

@@ -20,30 +20,39 @@ pub async fn execute(
     let tag = match object_type {
         ObjectType::Table => "DROP TABLE",
         ObjectType::View => "DROP VIEW",
+        ObjectType::MaterializedView => "DROP MATERIALIZED VIEW",
         other => return Err(Error::unsupported(format!("DROP {other} is not supported"))),
     };
     let _writer = engine.writer().await;
     let mut to_drop: Vec<String> = Vec::new();
     for name in names {
         let name = object_name(name)?;
-        match (engine.catalog.get(&name), object_type) {
-            (None, _) if if_exists => continue,
-            (None, ObjectType::Table) => return Err(Error::UndefinedTable(name)),
-            (None, _) => {
-                return Err(Error::UndefinedTable(name));
-            }
-            (Some(Relation::Table(_)), ObjectType::View) => {
-                return Err(Error::WrongObjectType(format!("\"{name}\" is not a view")))
-            }
-            (Some(Relation::View(_)), ObjectType::Table) => {
-                return Err(Error::WrongObjectType(format!("\"{name}\" is not a table")))
-            }
-            _ => {}
+        let kind = match engine.catalog.get(&name) {
+            None if if_exists => continue,
+            None => return Err(Error::UndefinedTable(name)),
+            Some(Relation::Table(_)) => ObjectType::Table,
+            Some(Relation::View(_)) => ObjectType::View,
+            Some(Relation::MaterializedView(_)) => ObjectType::MaterializedView,
+        };
+        if kind != object_type {
+            let what = match object_type {
+                ObjectType::Table => "a table",
+                ObjectType::View => "a view",
+                _ => "a materialized view",
+            };
+            return Err(Error::WrongObjectType(format!("\"{name}\" is not {what}")));
         }
         collect(engine, &name, cascade, &mut to_drop)?;
     }
-    // Drop dependents first is not needed for correctness (one batch), but
-    // keep a stable order for the catalog.
+    // Stop maintaining dropped materialized views before their rows go.
+    let mv_ids: Vec<u32> = to_drop
+        .iter()
+        .filter_map(|n| match engine.catalog.get(n) {
+            Some(Relation::MaterializedView(m)) => Some(m.def.id),
+            _ => None,
+        })
+        .collect();
+    engine.remove_pipelines(&mv_ids);
     engine.catalog.drop_relations(&to_drop)?;
     Ok(Outcome::Command { tag, rows: None })
 }
@@ -55,7 +64,7 @@ fn collect(engine: &Engine, name: &str, cascade: bool, out: &mut Vec<String>) ->
     let deps = engine.catalog.dependents(name);
     if !deps.is_empty() && !cascade {
         return Err(Error::DependentObjects(format!(
-            "cannot drop {name} because other objects depend on it (view {}); use DROP … CASCADE to drop the dependent objects too",
+            "cannot drop {name} because other objects depend on it ({}); use DROP … CASCADE to drop the dependent objects too",
             deps.join(", ")
         )));
     }

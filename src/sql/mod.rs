@@ -8,6 +8,7 @@
 //! parameters. The simple query protocol is prepare + execute without
 //! parameters, so both protocols share every code path.
 
+pub mod create_mv;
 pub mod create_table;
 pub mod create_view;
 pub mod dml;
@@ -64,6 +65,16 @@ impl Prepared {
             (Some(LogicalPlan::Dml(_)), _) => None,
             (Some(plan), _) => Some(Arc::new(plan.schema().as_arrow().clone())),
             (None, Statement::ShowTables { .. }) => Some(show::tables_schema()),
+            (None, Statement::ShowViews { .. }) => Some(show::tables_schema()),
+            (None, Statement::Explain { .. }) => {
+                Some(Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
+                    datafusion::arrow::datatypes::Field::new(
+                        "QUERY PLAN",
+                        datafusion::arrow::datatypes::DataType::Utf8,
+                        false,
+                    ),
+                ])))
+            }
             (None, Statement::ShowVariable { variable }) => Some(set::show_schema(variable)),
             _ => None,
         }
@@ -130,6 +141,9 @@ pub async fn prepare(engine: &Engine, sql: &str, stmt: Statement) -> Result<Prep
             let plan = engine.plan(&stmt).await?;
             let names = select::pg_column_names(q, plan.schema().fields().len());
             (Some(plan), names)
+        }
+        Statement::Explain { statement, .. } if matches!(statement.as_ref(), Statement::CreateView(cv) if cv.materialized) => {
+            (None, None)
         }
         Statement::Explain { .. } => (Some(engine.plan(&stmt).await?), None),
         Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) => {
@@ -218,7 +232,14 @@ pub async fn execute(
             cascade,
             ..
         } => drop::execute(ctx.engine, *object_type, *if_exists, names, *cascade).await,
+        Statement::Explain { statement, .. } => match statement.as_ref() {
+            Statement::CreateView(cv) if cv.materialized => {
+                create_mv::explain(ctx.engine, cv).await
+            }
+            _ => Err(Error::Internal("EXPLAIN without a plan".into())),
+        },
         Statement::ShowTables { .. } => show::tables(ctx.engine),
+        Statement::ShowViews { materialized, .. } => show::views(ctx.engine, *materialized),
         Statement::ShowVariable { variable } => set::show(ctx.vars, variable),
         Statement::Set(s) => set::set(ctx.vars, s),
         Statement::Reset(r) => set::reset(ctx.vars, r),

@@ -1,4 +1,4 @@
-//! `SHOW TABLES`.
+//! `SHOW TABLES`, `SHOW VIEWS`, `SHOW MATERIALIZED VIEWS`.
 
 use std::sync::Arc;
 
@@ -14,10 +14,23 @@ pub fn tables_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![Field::new("name", DataType::Utf8, false)]))
 }
 
+/// `SHOW VIEWS` / `SHOW MATERIALIZED VIEWS`, sorted by name.
+pub fn views(engine: &Engine, materialized: bool) -> Result<Outcome> {
+    names(if materialized {
+        engine.catalog.mv_names()
+    } else {
+        engine.catalog.view_names()
+    })
+}
+
 /// Lists the tables, sorted by name.
 pub fn tables(engine: &Engine) -> Result<Outcome> {
+    names(engine.catalog.table_names())
+}
+
+fn names(list: Vec<String>) -> Result<Outcome> {
     let schema = tables_schema();
-    let names = StringArray::from(engine.catalog.table_names());
+    let names = StringArray::from(list);
     let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(names)])?;
     Ok(Outcome::Rows(Rows {
         schema,

@@ -203,6 +203,17 @@ pub fn decode_row(mut buf: &[u8], types: &[SqlType]) -> Result<Vec<ScalarValue>>
     Ok(out)
 }
 
+/// Splits a counted row (a materialized view row stored with its
+/// multiplicity: the encoded row, then a `u64` big-endian count).
+pub fn split_counted(value: &[u8]) -> Result<(&[u8], i64)> {
+    if value.len() < 8 {
+        return Err(Error::Storage("counted row without multiplicity".into()));
+    }
+    let (row, tail) = value.split_at(value.len() - 8);
+    let count = u64::from_be_bytes(tail.try_into().map_err(corrupt)?);
+    Ok((row, count as i64))
+}
+
 /// Key prefix of a table: its id, big-endian.
 pub fn table_prefix(table_id: u32) -> [u8; 4] {
     table_id.to_be_bytes()

@@ -1,0 +1,280 @@
+//! The operator trait and the stateless and materializing operators.
+//!
+//! An [`Operator`] turns an input [`ChangeBatch`] (a delta) into an output
+//! delta. Operators that keep state keep it in RocksDB, read through
+//! [`OpCtx::get`] and staged with [`OpCtx::put`]/[`OpCtx::delete`] into the
+//! commit's `WriteBatch` — the same batch as the table write that caused
+//! the change, so a view's state is always exactly as of the last commit,
+//! after a crash too.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
+use datafusion::arrow::compute::{filter, filter_record_batch};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::physical_expr::PhysicalExpr;
+use rocksdb::WriteBatch;
+
+use super::ChangeBatch;
+use crate::catalog::types::SqlType;
+use crate::error::{Error, Result};
+use crate::state::encoding::{encode_row, split_counted, table_prefix};
+use crate::state::Store;
+
+/// What an operator sees of storage during one commit: committed state in
+/// the store, overlaid with what this commit has staged so far.
+pub struct OpCtx<'a> {
+    store: &'a Store,
+    batch: &'a mut WriteBatch,
+    staged: HashMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'a> OpCtx<'a> {
+    /// A context staging into `batch`.
+    pub fn new(store: &'a Store, batch: &'a mut WriteBatch) -> Self {
+        OpCtx {
+            store,
+            batch,
+            staged: HashMap::new(),
+        }
+    }
+
+    /// Reads a key as this commit will leave it.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.staged.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self.store.get(key),
+        }
+    }
+
+    /// Stages a put.
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.batch.put(&key, &value);
+        self.staged.insert(key, Some(value));
+    }
+
+    /// Stages a delete.
+    pub fn delete(&mut self, key: Vec<u8>) {
+        self.batch.delete(&key);
+        self.staged.insert(key, None);
+    }
+}
+
+/// An incremental operator.
+pub trait Operator: Send + Sync + std::fmt::Debug {
+    /// Output schema.
+    fn schema(&self) -> SchemaRef;
+
+    /// Turns an input delta into an output delta, staging any state change.
+    fn process(&mut self, input: ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<ChangeBatch>;
+
+    /// One line for EXPLAIN.
+    fn describe(&self) -> String;
+}
+
+/// `WHERE`: keeps the rows (and their weights) whose predicate is true.
+#[derive(Debug)]
+pub struct Filter {
+    predicate: Arc<dyn PhysicalExpr>,
+    schema: SchemaRef,
+}
+
+impl Filter {
+    /// A filter on rows of `schema`.
+    pub fn new(predicate: Arc<dyn PhysicalExpr>, schema: SchemaRef) -> Self {
+        Filter { predicate, schema }
+    }
+}
+
+impl Operator for Filter {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn describe(&self) -> String {
+        format!("Filter: {}", self.predicate)
+    }
+
+    fn process(&mut self, input: ChangeBatch, _ctx: &mut OpCtx<'_>) -> Result<ChangeBatch> {
+        if input.is_empty() {
+            return Ok(input);
+        }
+        let mask = self
+            .predicate
+            .evaluate(&input.data)?
+            .into_array(input.len())?;
+        let mask: &BooleanArray = mask
+            .as_boolean_opt()
+            .ok_or_else(|| Error::Internal("filter predicate is not boolean".into()))?;
+        // NULL is not true.
+        let mask = if mask.null_count() > 0 {
+            datafusion::arrow::compute::prep_null_mask_filter(mask)
+        } else {
+            mask.clone()
+        };
+        let data = filter_record_batch(&input.data, &mask)?;
+        let weights = filter(&input.weights, &mask)?;
+        Ok(ChangeBatch {
+            data,
+            weights: weights.as_primitive().clone(),
+        })
+    }
+}
+
+/// `SELECT exprs`: evaluates expressions row by row; weights pass through.
+#[derive(Debug)]
+pub struct Project {
+    exprs: Vec<Arc<dyn PhysicalExpr>>,
+    schema: SchemaRef,
+}
+
+impl Project {
+    /// A projection producing `schema`.
+    pub fn new(exprs: Vec<Arc<dyn PhysicalExpr>>, schema: SchemaRef) -> Self {
+        Project { exprs, schema }
+    }
+}
+
+impl Operator for Project {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn describe(&self) -> String {
+        let cols: Vec<String> = self
+            .exprs
+            .iter()
+            .zip(self.schema.fields())
+            .map(|(e, f)| format!("{e} AS {}", f.name()))
+            .collect();
+        format!("Project: {}", cols.join(", "))
+    }
+
+    fn process(&mut self, input: ChangeBatch, _ctx: &mut OpCtx<'_>) -> Result<ChangeBatch> {
+        let n = input.len();
+        let columns = self
+            .exprs
+            .iter()
+            .zip(self.schema.fields())
+            .map(|(e, f)| {
+                let a = e.evaluate(&input.data)?.into_array(n)?;
+                if a.data_type() == f.data_type() {
+                    Ok(a)
+                } else {
+                    Ok(datafusion::arrow::compute::cast(&a, f.data_type())?)
+                }
+            })
+            .collect::<Result<Vec<ArrayRef>>>()?;
+        let data = RecordBatch::try_new_with_options(
+            self.schema.clone(),
+            columns,
+            &datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(n)),
+        )?;
+        Ok(ChangeBatch {
+            data,
+            weights: input.weights,
+        })
+    }
+}
+
+/// Stores a view's rows, keyed by the whole row with a multiplicity:
+/// applying a delta adds weights; a row whose count reaches zero is deleted.
+/// Its output is the (consolidated) delta of the stored relation.
+#[derive(Debug)]
+pub struct Materialize {
+    id: u32,
+    types: Vec<SqlType>,
+    schema: SchemaRef,
+}
+
+impl Materialize {
+    /// Materializes rows of `schema` (column types `types`) under `id`.
+    pub fn new(id: u32, types: Vec<SqlType>, schema: SchemaRef) -> Self {
+        Materialize { id, types, schema }
+    }
+}
+
+impl Operator for Materialize {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn describe(&self) -> String {
+        let cols: Vec<&str> = self
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        format!(
+            "Materialize: id={} rows=({}) counted",
+            self.id,
+            cols.join(", ")
+        )
+    }
+
+    fn process(&mut self, input: ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<ChangeBatch> {
+        let delta = input.consolidate()?;
+        let types: Vec<&SqlType> = self.types.iter().collect();
+        let arrays: Vec<&ArrayRef> = delta.data.columns().iter().collect();
+        for r in 0..delta.len() {
+            let mut row = Vec::new();
+            encode_row(&mut row, &types, &arrays, r)?;
+            let mut key = table_prefix(self.id).to_vec();
+            key.extend_from_slice(&row);
+            let old = match ctx.get(&key)? {
+                Some(v) => split_counted(&v)?.1,
+                None => 0,
+            };
+            let new = old + delta.weights.value(r);
+            if new < 0 {
+                return Err(Error::Internal(format!(
+                    "materialized view {} would hold a row {} times",
+                    self.id, new
+                )));
+            }
+            if new == 0 {
+                ctx.delete(key);
+            } else {
+                row.extend_from_slice(&(new as u64).to_be_bytes());
+                ctx.put(key, row);
+            }
+        }
+        Ok(delta)
+    }
+}
+
+/// A linear chain of operators: one source relation in, one view out.
+#[derive(Debug)]
+pub struct Pipeline {
+    /// The relation (table or view id) whose changes feed the pipeline.
+    pub source: u32,
+    /// The view the pipeline maintains.
+    pub sink: u32,
+    ops: Vec<Box<dyn Operator>>,
+}
+
+impl Pipeline {
+    /// A pipeline from `source` through `ops` (the last one materializes
+    /// `sink`).
+    pub fn new(source: u32, sink: u32, ops: Vec<Box<dyn Operator>>) -> Self {
+        Pipeline { source, sink, ops }
+    }
+
+    /// Pushes a delta through every operator.
+    pub fn process(&mut self, mut delta: ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<ChangeBatch> {
+        for op in &mut self.ops {
+            if delta.is_empty() {
+                break;
+            }
+            delta = op.process(delta, ctx)?;
+        }
+        Ok(delta)
+    }
+
+    /// One line per operator, sink first, for EXPLAIN.
+    pub fn explain(&self) -> Vec<String> {
+        self.ops.iter().rev().map(|o| o.describe()).collect()
+    }
+}

@@ -1,0 +1,185 @@
+//! From DataFusion's optimized `LogicalPlan` to an incremental pipeline.
+//!
+//! [`plan_view`] walks the plan DataFusion's optimizer produced for a
+//! materialized view's query and builds a [`Pipeline`] of operators that
+//! maintain its result from the changes of the one relation it reads:
+//! `TableScan` → source, `Filter` → [`Filter`], `Projection` →
+//! [`Project`], then a final [`Materialize`]. Expressions are compiled with
+//! DataFusion's `create_physical_expr`, so every scalar expression
+//! DataFusion evaluates works unchanged on change batches.
+//!
+//! Anything else (joins, aggregates, ORDER BY/LIMIT, windows, unions,
+//! subqueries) is refused with SQLSTATE 0A000 naming the construct: a view
+//! that cannot be maintained exactly is never created.
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::common::DFSchema;
+use datafusion::execution::context::ExecutionProps;
+use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::physical_expr::{create_physical_expr, PhysicalExpr};
+
+use crate::catalog::types::SqlType;
+use crate::catalog::ColumnDef;
+use crate::dataflow::operator::{Filter, Materialize, Operator, Pipeline, Project};
+use crate::error::{Error, Result};
+
+/// A planned materialized view.
+#[derive(Debug)]
+pub struct PlannedView {
+    /// The operators.
+    pub pipeline: Pipeline,
+    /// Name of the relation the view reads.
+    pub source: String,
+    /// The view's columns.
+    pub columns: Vec<ColumnDef>,
+}
+
+/// Plans the maintenance of view `id` from its optimized query plan.
+/// `resolve` maps a relation name to the object id whose changes feed it
+/// (tables and materialized views; `None` for anything else). `names`
+/// overrides output column names (PostgreSQL's, derived from the AST).
+pub fn plan_view(
+    plan: &LogicalPlan,
+    id: u32,
+    names: Option<&[String]>,
+    resolve: &dyn Fn(&str) -> Option<u32>,
+) -> Result<PlannedView> {
+    let mut ops: Vec<Box<dyn Operator>> = Vec::new();
+    let (source_id, source) = walk(plan, &mut ops, resolve)?;
+    let out = plan.schema().as_arrow().clone();
+    let mut columns = Vec::with_capacity(out.fields().len());
+    let mut fields = Vec::with_capacity(out.fields().len());
+    let mut exprs: Vec<Arc<dyn PhysicalExpr>> = Vec::new();
+    for (i, f) in out.fields().iter().enumerate() {
+        let name = names
+            .and_then(|n| n.get(i))
+            .cloned()
+            .unwrap_or_else(|| f.name().clone());
+        if columns.iter().any(|c: &ColumnDef| c.name == name) {
+            return Err(Error::Plan(format!(
+                "column \"{name}\" specified more than once; give the view's columns distinct aliases"
+            )));
+        }
+        let ty = SqlType::from_arrow(f.data_type())?;
+        fields.push(Field::new(&name, ty.arrow_type(), true));
+        exprs.push(Arc::new(
+            datafusion::physical_expr::expressions::Column::new(f.name(), i),
+        ));
+        columns.push(ColumnDef {
+            name,
+            ty,
+            nullable: true,
+        });
+    }
+    let schema: SchemaRef = Arc::new(Schema::new(fields));
+    // Rename and cast to the stored types (Project casts when they differ).
+    ops.push(Box::new(Project::new(exprs, schema.clone())));
+    let types = columns.iter().map(|c| c.ty.clone()).collect();
+    ops.push(Box::new(Materialize::new(id, types, schema)));
+    Ok(PlannedView {
+        pipeline: Pipeline::new(source_id, id, ops),
+        source,
+        columns,
+    })
+}
+
+fn physical(e: &Expr, schema: &DFSchema) -> Result<Arc<dyn PhysicalExpr>> {
+    Ok(create_physical_expr(
+        e,
+        schema,
+        &ExecutionProps::new(),
+        &datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext::default(),
+    )?)
+}
+
+fn walk(
+    plan: &LogicalPlan,
+    ops: &mut Vec<Box<dyn Operator>>,
+    resolve: &dyn Fn(&str) -> Option<u32>,
+) -> Result<(u32, String)> {
+    match plan {
+        LogicalPlan::Projection(p) => {
+            let src = walk(&p.input, ops, resolve)?;
+            let exprs = p
+                .expr
+                .iter()
+                .map(|e| physical(e, p.input.schema()))
+                .collect::<Result<Vec<_>>>()?;
+            ops.push(Box::new(Project::new(
+                exprs,
+                Arc::new(p.schema.as_arrow().clone()),
+            )));
+            Ok(src)
+        }
+        LogicalPlan::Filter(f) => {
+            let src = walk(&f.input, ops, resolve)?;
+            let pred = physical(&f.predicate, f.input.schema())?;
+            ops.push(Box::new(Filter::new(
+                pred,
+                Arc::new(f.input.schema().as_arrow().clone()),
+            )));
+            Ok(src)
+        }
+        LogicalPlan::SubqueryAlias(a) => walk(&a.input, ops, resolve),
+        LogicalPlan::TableScan(scan) => {
+            if scan.fetch.is_some() {
+                return Err(Error::unsupported(
+                    "LIMIT is not supported in a materialized view yet",
+                ));
+            }
+            let name = scan.table_name.table().to_string();
+            let id = resolve(&name).ok_or_else(|| {
+                Error::unsupported(format!(
+                    "a materialized view cannot read \"{}\"; only tables and materialized views",
+                    scan.table_name
+                ))
+            })?;
+            let full = scan.source.schema();
+            let qualified = DFSchema::try_from_qualified_schema(scan.table_name.clone(), &full)?;
+            // Filters DataFusion pushed into the scan apply to full rows.
+            if let Some(pred) = scan.filters.iter().cloned().reduce(Expr::and) {
+                ops.push(Box::new(Filter::new(
+                    physical(&pred, &qualified)?,
+                    full.clone(),
+                )));
+            }
+            if let Some(proj) = &scan.projection {
+                let exprs: Vec<Arc<dyn PhysicalExpr>> = proj
+                    .iter()
+                    .map(|&i| {
+                        Arc::new(datafusion::physical_expr::expressions::Column::new(
+                            full.field(i).name(),
+                            i,
+                        )) as Arc<dyn PhysicalExpr>
+                    })
+                    .collect();
+                ops.push(Box::new(Project::new(
+                    exprs,
+                    Arc::new(scan.projected_schema.as_arrow().clone()),
+                )));
+            }
+            Ok((id, name))
+        }
+        other => Err(Error::unsupported(format!(
+            "{} is not supported in a materialized view yet",
+            node_name(other)
+        ))),
+    }
+}
+
+fn node_name(plan: &LogicalPlan) -> String {
+    match plan {
+        LogicalPlan::Aggregate(_) => "GROUP BY / aggregate functions".into(),
+        LogicalPlan::Join(_) => "JOIN".into(),
+        LogicalPlan::Sort(_) => "ORDER BY".into(),
+        LogicalPlan::Limit(_) => "LIMIT".into(),
+        LogicalPlan::Window(_) => "a window function".into(),
+        LogicalPlan::Union(_) => "UNION".into(),
+        LogicalPlan::Distinct(_) => "DISTINCT".into(),
+        LogicalPlan::Values(_) => "VALUES".into(),
+        LogicalPlan::EmptyRelation(_) => "a query without FROM".into(),
+        other => other.display().to_string(),
+    }
+}

@@ -1,0 +1,126 @@
+//! `CREATE MATERIALIZED VIEW name AS SELECT …` and its EXPLAIN.
+//!
+//! The query is planned by DataFusion, optimized, and turned into a
+//! pipeline by [`crate::planner::plan_view`]. Under the writer lock (so no
+//! commit can slip between the two steps) the view is **backfilled** — the
+//! source's current rows flow through the pipeline as one +1 delta — and its
+//! rows and catalog entry are written in one batch; from then on every
+//! commit to the source maintains it in the same batch as the source write.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::sql::sqlparser::ast;
+use rocksdb::WriteBatch;
+
+use crate::catalog::{MvDef, Relation};
+use crate::dataflow::operator::OpCtx;
+use crate::dataflow::ChangeBatch;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::planner::{plan_view, PlannedView};
+use crate::query::StoredTable;
+use crate::sql::create_view::referenced_relations;
+use crate::sql::{object_name, select, Outcome, Rows};
+
+fn check(cv: &ast::CreateView) -> Result<()> {
+    if cv.or_replace || cv.or_alter {
+        return Err(Error::unsupported(
+            "CREATE OR REPLACE MATERIALIZED VIEW is not supported",
+        ));
+    }
+    if !cv.columns.is_empty() {
+        return Err(Error::unsupported(
+            "a column list in CREATE MATERIALIZED VIEW is not supported; alias the columns in the query",
+        ));
+    }
+    Ok(())
+}
+
+async fn plan(engine: &Engine, cv: &ast::CreateView, id: u32) -> Result<PlannedView> {
+    let query = ast::Statement::Query(cv.query.clone());
+    let logical = engine.plan(&query).await?;
+    let names: Option<Vec<String>> =
+        select::pg_column_names(&cv.query, logical.schema().fields().len()).map(|n| {
+            n.into_iter()
+                .zip(logical.schema().fields())
+                .map(|(n, f)| n.unwrap_or_else(|| f.name().clone()))
+                .collect()
+        });
+    let optimized = engine.state().optimize(&logical)?;
+    plan_view(&optimized, id, names.as_deref(), &|n| engine.source_id(n))
+}
+
+/// Creates and backfills a materialized view.
+pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
+    check(cv)?;
+    let name = object_name(&cv.name)?;
+    let done = Outcome::Command {
+        tag: "CREATE MATERIALIZED VIEW",
+        rows: None,
+    };
+    let _writer = engine.writer().await;
+    if engine.catalog.get(&name).is_some() {
+        if cv.if_not_exists {
+            return Ok(done);
+        }
+        return Err(Error::DuplicateObject(name));
+    }
+    let mut batch = WriteBatch::default();
+    let id = engine.catalog.reserve_id(&mut batch);
+    let PlannedView {
+        mut pipeline,
+        source,
+        columns,
+    } = plan(engine, cv, id).await?;
+
+    // Backfill: the source's current rows, as one insertion delta.
+    let source_table = match engine.catalog.get(&source) {
+        Some(Relation::Table(t)) => t,
+        Some(Relation::MaterializedView(m)) => m.table.clone(),
+        _ => return Err(Error::UndefinedTable(source)),
+    };
+    let rows = StoredTable::new(source_table.clone(), engine.store.clone()).read(&[], None)?;
+    {
+        let mut ctx = OpCtx::new(&engine.store, &mut batch);
+        for b in rows {
+            if b.num_rows() > 0 {
+                pipeline.process(ChangeBatch::uniform(b, 1), &mut ctx)?;
+            }
+        }
+    }
+    let def = MvDef {
+        id,
+        name,
+        sql: cv.query.to_string(),
+        depends_on: referenced_relations(engine, &cv.query),
+        columns,
+        key: vec![],
+    };
+    engine.catalog.stage_mv(&def, &mut batch)?;
+    engine.apply(batch).await?;
+    engine.catalog.register_mv(def);
+    engine.add_pipeline(pipeline);
+    Ok(done)
+}
+
+/// `EXPLAIN CREATE MATERIALIZED VIEW`: the pipeline, sink first.
+pub async fn explain(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
+    check(cv)?;
+    let planned = plan(engine, cv, 0).await?;
+    let mut lines = planned.pipeline.explain();
+    lines.push(format!("Source: {}", planned.source));
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "QUERY PLAN",
+        DataType::Utf8,
+        false,
+    )]));
+    let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(lines))])?;
+    Ok(Outcome::Rows(Rows {
+        schema,
+        batches: vec![batch],
+        names: None,
+        tag: "EXPLAIN",
+    }))
+}
