@@ -142,9 +142,18 @@ impl Engine {
                     let plan = engine.plan_view_sql(&def.sql)?;
                     let plan = engine.state().optimize(&plan)?;
                     let names: Vec<String> = def.columns.iter().map(|c| c.name.clone()).collect();
-                    let planned = crate::planner::plan_view(&plan, def.id, Some(&names), &|n| {
-                        engine.source_id(n)
-                    })?;
+                    let mut stored = def.state_ids.clone().into_iter();
+                    let planned = crate::planner::plan_view(
+                        &plan,
+                        def.id,
+                        Some(&names),
+                        &|n| engine.source_id(n),
+                        &mut || {
+                            stored.next().ok_or_else(|| {
+                                Error::Internal(format!("view \"{}\" lost its state ids", def.name))
+                            })
+                        },
+                    )?;
                     if planned.columns != def.columns {
                         return Err(Error::Internal(format!(
                             "materialized view \"{}\" plans to different columns than it stored",

@@ -20,6 +20,15 @@ const VIEWS: &[(&str, &str)] = &[
         "SELECT a2 + 1 AS x, upper(b) AS ub FROM m1 WHERE b <> 'b3'",
     ),
     ("m5", "SELECT coalesce(v, -1) AS v FROM t2"),
+    (
+        "a1",
+        "SELECT b, count(*) AS c, sum(a) AS s, min(a) AS mn, max(a) AS mx, count(a) AS ca FROM t1 GROUP BY b",
+    ),
+    ("a2", "SELECT count(*) AS c, sum(v) AS s, avg(v) AS av, min(k) AS mk FROM t2"),
+    ("a3", "SELECT k, sum(v) AS s, max(v) AS mx FROM t2 GROUP BY k HAVING count(*) > 1"),
+    ("a4", "SELECT b, c * 10 AS c10 FROM a1 WHERE c > 1"),
+    ("a5", "SELECT a % 4 AS bucket, count(*) AS c, sum(id) AS s FROM t1 WHERE b IS NOT NULL GROUP BY a % 4"),
+    ("a6", "SELECT b, count(DISTINCT a) AS d FROM t1 GROUP BY b"),
 ];
 
 async fn rows(c: &Client, sql: &str) -> Vec<String> {

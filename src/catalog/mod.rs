@@ -87,6 +87,10 @@ pub struct MvDef {
     pub columns: Vec<ColumnDef>,
     /// Key columns of the stored rows; empty means "whole row, counted".
     pub key: Vec<usize>,
+    /// Key prefixes of the operators' state (e.g. aggregate groups), in
+    /// planning order; dropped with the view.
+    #[serde(default)]
+    pub state_ids: Vec<u32>,
 }
 
 /// What the catalog persists per object.
@@ -430,10 +434,11 @@ impl Catalog {
             } else if let Some(v) = state.views.get(name) {
                 batch.delete(sys_key(SYS_CATALOG, &v.def.id.to_be_bytes()));
             } else if let Some(m) = state.mvs.get(name) {
-                let id = m.def.id;
-                batch.delete(sys_key(SYS_CATALOG, &id.to_be_bytes()));
-                let prefix = table_prefix(id);
-                batch.delete_range(prefix.to_vec(), prefix_end(&prefix));
+                batch.delete(sys_key(SYS_CATALOG, &m.def.id.to_be_bytes()));
+                for id in std::iter::once(m.def.id).chain(m.def.state_ids.iter().copied()) {
+                    let prefix = table_prefix(id);
+                    batch.delete_range(prefix.to_vec(), prefix_end(&prefix));
+                }
             }
         }
         self.store.write(batch)?;

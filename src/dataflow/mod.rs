@@ -15,6 +15,7 @@
 //! per table per statement and publishes it on the engine's change feed;
 //! incrementally maintained views subscribe to that feed.
 
+pub mod aggregate;
 pub mod operator;
 
 use datafusion::arrow::array::{Int64Array, RecordBatch};

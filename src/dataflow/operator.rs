@@ -71,6 +71,12 @@ pub trait Operator: Send + Sync + std::fmt::Debug {
 
     /// One line for EXPLAIN.
     fn describe(&self) -> String;
+
+    /// Rows the operator outputs before any input (a global aggregate's
+    /// row over the empty input).
+    fn initial_output(&self) -> Result<Option<ChangeBatch>> {
+        Ok(None)
+    }
 }
 
 /// `WHERE`: keeps the rows (and their weights) whose predicate is true.
@@ -260,6 +266,19 @@ impl Pipeline {
     /// `sink`).
     pub fn new(source: u32, sink: u32, ops: Vec<Box<dyn Operator>>) -> Self {
         Pipeline { source, sink, ops }
+    }
+
+    /// Emits what the operators output for an empty input (run once, when
+    /// the view is created, before the backfill).
+    pub fn init(&mut self, ctx: &mut OpCtx<'_>) -> Result<()> {
+        for i in 0..self.ops.len() {
+            if let Some(mut delta) = self.ops[i].initial_output()? {
+                for op in &mut self.ops[i + 1..] {
+                    delta = op.process(delta, ctx)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Pushes a delta through every operator.

@@ -4,11 +4,12 @@
 //! materialized view's query and builds a [`Pipeline`] of operators that
 //! maintain its result from the changes of the one relation it reads:
 //! `TableScan` → source, `Filter` → [`Filter`], `Projection` →
-//! [`Project`], then a final [`Materialize`]. Expressions are compiled with
+//! [`Project`], `Aggregate` → [`HashAggregate`] (COUNT, SUM, AVG, MIN,
+//! MAX), then a final [`Materialize`]. Expressions are compiled with
 //! DataFusion's `create_physical_expr`, so every scalar expression
 //! DataFusion evaluates works unchanged on change batches.
 //!
-//! Anything else (joins, aggregates, ORDER BY/LIMIT, windows, unions,
+//! Anything else (joins, other aggregates, ORDER BY/LIMIT, windows, unions,
 //! subqueries) is refused with SQLSTATE 0A000 naming the construct: a view
 //! that cannot be maintained exactly is never created.
 
@@ -17,11 +18,12 @@ use std::sync::Arc;
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::common::DFSchema;
 use datafusion::execution::context::ExecutionProps;
-use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan};
 use datafusion::physical_expr::{create_physical_expr, PhysicalExpr};
 
 use crate::catalog::types::SqlType;
 use crate::catalog::ColumnDef;
+use crate::dataflow::aggregate::{AggKind, AggSpec, HashAggregate};
 use crate::dataflow::operator::{Filter, Materialize, Operator, Pipeline, Project};
 use crate::error::{Error, Result};
 
@@ -45,9 +47,11 @@ pub fn plan_view(
     id: u32,
     names: Option<&[String]>,
     resolve: &dyn Fn(&str) -> Option<u32>,
+    state_ids: &mut dyn FnMut() -> Result<u32>,
 ) -> Result<PlannedView> {
     let mut ops: Vec<Box<dyn Operator>> = Vec::new();
-    let (source_id, source) = walk(plan, &mut ops, resolve)?;
+    let mut cx = Walk { resolve, state_ids };
+    let (source_id, source) = walk(plan, &mut ops, &mut cx)?;
     let out = plan.schema().as_arrow().clone();
     let mut columns = Vec::with_capacity(out.fields().len());
     let mut fields = Vec::with_capacity(out.fields().len());
@@ -94,14 +98,19 @@ fn physical(e: &Expr, schema: &DFSchema) -> Result<Arc<dyn PhysicalExpr>> {
     )?)
 }
 
+struct Walk<'a> {
+    resolve: &'a dyn Fn(&str) -> Option<u32>,
+    state_ids: &'a mut dyn FnMut() -> Result<u32>,
+}
+
 fn walk(
     plan: &LogicalPlan,
     ops: &mut Vec<Box<dyn Operator>>,
-    resolve: &dyn Fn(&str) -> Option<u32>,
+    cx: &mut Walk<'_>,
 ) -> Result<(u32, String)> {
     match plan {
         LogicalPlan::Projection(p) => {
-            let src = walk(&p.input, ops, resolve)?;
+            let src = walk(&p.input, ops, cx)?;
             let exprs = p
                 .expr
                 .iter()
@@ -114,7 +123,7 @@ fn walk(
             Ok(src)
         }
         LogicalPlan::Filter(f) => {
-            let src = walk(&f.input, ops, resolve)?;
+            let src = walk(&f.input, ops, cx)?;
             let pred = physical(&f.predicate, f.input.schema())?;
             ops.push(Box::new(Filter::new(
                 pred,
@@ -122,7 +131,7 @@ fn walk(
             )));
             Ok(src)
         }
-        LogicalPlan::SubqueryAlias(a) => walk(&a.input, ops, resolve),
+        LogicalPlan::SubqueryAlias(a) => walk(&a.input, ops, cx),
         LogicalPlan::TableScan(scan) => {
             if scan.fetch.is_some() {
                 return Err(Error::unsupported(
@@ -130,7 +139,7 @@ fn walk(
                 ));
             }
             let name = scan.table_name.table().to_string();
-            let id = resolve(&name).ok_or_else(|| {
+            let id = (cx.resolve)(&name).ok_or_else(|| {
                 Error::unsupported(format!(
                     "a materialized view cannot read \"{}\"; only tables and materialized views",
                     scan.table_name
@@ -162,10 +171,75 @@ fn walk(
             }
             Ok((id, name))
         }
+        LogicalPlan::Aggregate(agg) => {
+            let src = walk(&agg.input, ops, cx)?;
+            let input = agg.input.schema();
+            let group_exprs = agg
+                .group_expr
+                .iter()
+                .map(|e| match e {
+                    Expr::GroupingSet(_) => Err(Error::unsupported(
+                        "GROUPING SETS / ROLLUP / CUBE are not supported in a materialized view yet",
+                    )),
+                    e => physical(e, input),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let out = agg.schema.as_arrow();
+            let mut aggs = Vec::with_capacity(agg.aggr_expr.len());
+            for (i, e) in agg.aggr_expr.iter().enumerate() {
+                let Expr::AggregateFunction(f) = strip_alias(e) else {
+                    return Err(Error::unsupported(format!(
+                        "aggregate {e} is not supported"
+                    )));
+                };
+                let name = f.func.name().to_ascii_lowercase();
+                let kind = match name.as_str() {
+                    "count" => AggKind::Count,
+                    "sum" => AggKind::Sum,
+                    "avg" | "mean" => AggKind::Avg,
+                    "min" => AggKind::Min,
+                    "max" => AggKind::Max,
+                    _ => {
+                        return Err(Error::unsupported(format!(
+                            "aggregate function {name} is not supported in a materialized view yet"
+                        )))
+                    }
+                };
+                let p = &f.params;
+                if p.distinct || p.filter.is_some() || !p.order_by.is_empty() || p.args.len() != 1 {
+                    return Err(Error::unsupported(format!(
+                        "{e} (DISTINCT, FILTER, ORDER BY or several arguments) is not supported in a materialized view yet"
+                    )));
+                }
+                let arg = &p.args[0];
+                let arg_type = arg.to_field(input)?.1.data_type().clone();
+                aggs.push(AggSpec {
+                    kind,
+                    arg: physical(arg, input)?,
+                    arg_type,
+                    out_type: out.field(agg.group_expr.len() + i).data_type().clone(),
+                });
+            }
+            let state_id = (cx.state_ids)()?;
+            ops.push(Box::new(HashAggregate::new(
+                state_id,
+                group_exprs,
+                aggs,
+                Arc::new(out.clone()),
+            )?));
+            Ok(src)
+        }
         other => Err(Error::unsupported(format!(
             "{} is not supported in a materialized view yet",
             node_name(other)
         ))),
+    }
+}
+
+fn strip_alias(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(a) => strip_alias(&a.expr),
+        other => other,
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::sqlparser::ast;
 use rocksdb::WriteBatch;
 
@@ -38,7 +39,12 @@ fn check(cv: &ast::CreateView) -> Result<()> {
     Ok(())
 }
 
-async fn plan(engine: &Engine, cv: &ast::CreateView, id: u32) -> Result<PlannedView> {
+/// DataFusion's optimized plan of the view's query and PostgreSQL's names
+/// for its columns.
+async fn optimized(
+    engine: &Engine,
+    cv: &ast::CreateView,
+) -> Result<(LogicalPlan, Option<Vec<String>>)> {
     let query = ast::Statement::Query(cv.query.clone());
     let logical = engine.plan(&query).await?;
     let names: Option<Vec<String>> =
@@ -48,8 +54,7 @@ async fn plan(engine: &Engine, cv: &ast::CreateView, id: u32) -> Result<PlannedV
                 .map(|(n, f)| n.unwrap_or_else(|| f.name().clone()))
                 .collect()
         });
-    let optimized = engine.state().optimize(&logical)?;
-    plan_view(&optimized, id, names.as_deref(), &|n| engine.source_id(n))
+    Ok((engine.state().optimize(&logical)?, names))
 }
 
 /// Creates and backfills a materialized view.
@@ -69,11 +74,24 @@ pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
     }
     let mut batch = WriteBatch::default();
     let id = engine.catalog.reserve_id(&mut batch);
+    let (logical, names) = optimized(engine, cv).await?;
+    let mut state_ids = Vec::new();
+    let planned = plan_view(
+        &logical,
+        id,
+        names.as_deref(),
+        &|n| engine.source_id(n),
+        &mut || {
+            let sid = engine.catalog.reserve_id(&mut batch);
+            state_ids.push(sid);
+            Ok(sid)
+        },
+    )?;
     let PlannedView {
         mut pipeline,
         source,
         columns,
-    } = plan(engine, cv, id).await?;
+    } = planned;
 
     // Backfill: the source's current rows, as one insertion delta.
     let source_table = match engine.catalog.get(&source) {
@@ -84,6 +102,7 @@ pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
     let rows = StoredTable::new(source_table.clone(), engine.store.clone()).read(&[], None)?;
     {
         let mut ctx = OpCtx::new(&engine.store, &mut batch);
+        pipeline.init(&mut ctx)?;
         for b in rows {
             if b.num_rows() > 0 {
                 pipeline.process(ChangeBatch::uniform(b, 1), &mut ctx)?;
@@ -97,6 +116,7 @@ pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
         depends_on: referenced_relations(engine, &cv.query),
         columns,
         key: vec![],
+        state_ids,
     };
     engine.catalog.stage_mv(&def, &mut batch)?;
     engine.apply(batch).await?;
@@ -108,7 +128,18 @@ pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
 /// `EXPLAIN CREATE MATERIALIZED VIEW`: the pipeline, sink first.
 pub async fn explain(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
     check(cv)?;
-    let planned = plan(engine, cv, 0).await?;
+    let (logical, names) = optimized(engine, cv).await?;
+    let mut next = 0u32;
+    let planned = plan_view(
+        &logical,
+        0,
+        names.as_deref(),
+        &|n| engine.source_id(n),
+        &mut || {
+            next += 1;
+            Ok(next)
+        },
+    )?;
     let mut lines = planned.pipeline.explain();
     lines.push(format!("Source: {}", planned.source));
     let schema = Arc::new(Schema::new(vec![Field::new(

@@ -1,0 +1,512 @@
+//! Incremental `GROUP BY` with COUNT, SUM, AVG, MIN and MAX, correct under
+//! deletes.
+//!
+//! State per group lives in RocksDB at `state id · encoded group key`: the
+//! number of input rows in the group and one accumulator per aggregate —
+//! a count; a running exact sum (`i128` for integers and decimals, `f64`
+//! for floats) with its count of non-NULL inputs; or, for MIN/MAX, the
+//! multiset of input values (value → count), so that deleting the current
+//! minimum finds the next one. For every group a delta touches the operator
+//! emits the group's old output row with weight −1 and its new one with +1
+//! (nothing when they are equal). A global aggregate (no GROUP BY) always
+//! has its one row, as in batch SQL.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::common::ScalarValue;
+use datafusion::physical_expr::PhysicalExpr;
+
+use super::operator::{OpCtx, Operator};
+use super::ChangeBatch;
+use crate::catalog::types::SqlType;
+use crate::error::{Error, Result};
+use crate::state::encoding::{decode_value, encode_value, table_prefix};
+
+/// An aggregate function the operator maintains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggKind {
+    /// `COUNT(x)` (`COUNT(*)` is `COUNT(1)`).
+    Count,
+    /// `SUM(x)`.
+    Sum,
+    /// `AVG(x)`.
+    Avg,
+    /// `MIN(x)`.
+    Min,
+    /// `MAX(x)`.
+    Max,
+}
+
+/// One aggregate: function, argument, result type.
+#[derive(Debug, Clone)]
+pub struct AggSpec {
+    /// Which function.
+    pub kind: AggKind,
+    /// The argument expression, over the operator's input.
+    pub arg: Arc<dyn PhysicalExpr>,
+    /// The argument's type.
+    pub arg_type: DataType,
+    /// The result type (DataFusion's).
+    pub out_type: DataType,
+}
+
+/// The incremental aggregate operator.
+#[derive(Debug)]
+pub struct HashAggregate {
+    state_id: u32,
+    group_exprs: Vec<Arc<dyn PhysicalExpr>>,
+    group_types: Vec<SqlType>,
+    aggs: Vec<AggSpec>,
+    arg_sql_types: Vec<Option<SqlType>>,
+    schema: SchemaRef,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Acc {
+    Count(i64),
+    /// (non-NULL inputs, exact integer/decimal sum, float sum)
+    Sum(i64, i128, f64),
+    /// encoded value → (value, count)
+    Set(BTreeMap<Vec<u8>, (ScalarValue, i64)>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct GroupState {
+    rows: i64,
+    accs: Vec<Acc>,
+}
+
+fn is_float(t: &DataType) -> bool {
+    matches!(t, DataType::Float16 | DataType::Float32 | DataType::Float64)
+}
+
+impl HashAggregate {
+    /// A GROUP BY over `group_exprs` computing `aggs`, producing `schema`
+    /// (group columns, then aggregates), with state under `state_id`.
+    pub fn new(
+        state_id: u32,
+        group_exprs: Vec<Arc<dyn PhysicalExpr>>,
+        aggs: Vec<AggSpec>,
+        schema: SchemaRef,
+    ) -> Result<Self> {
+        let group_types = schema.fields()[..group_exprs.len()]
+            .iter()
+            .map(|f| SqlType::from_arrow(f.data_type()))
+            .collect::<Result<Vec<_>>>()?;
+        let arg_sql_types = aggs
+            .iter()
+            .map(|a| match a.kind {
+                AggKind::Min | AggKind::Max => SqlType::from_arrow(&a.arg_type).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for a in &aggs {
+            let ok = match a.kind {
+                AggKind::Count | AggKind::Min | AggKind::Max => true,
+                AggKind::Sum | AggKind::Avg => {
+                    a.arg_type.is_integer()
+                        || is_float(&a.arg_type)
+                        || matches!(a.arg_type, DataType::Decimal128(..))
+                }
+            };
+            if !ok {
+                return Err(Error::unsupported(format!(
+                    "{:?} of {} is not supported in a materialized view yet",
+                    a.kind, a.arg_type
+                )));
+            }
+        }
+        Ok(HashAggregate {
+            state_id,
+            group_exprs,
+            group_types,
+            aggs,
+            arg_sql_types,
+            schema,
+        })
+    }
+
+    fn empty_state(&self) -> GroupState {
+        GroupState {
+            rows: 0,
+            accs: self
+                .aggs
+                .iter()
+                .map(|a| match a.kind {
+                    AggKind::Count => Acc::Count(0),
+                    AggKind::Sum | AggKind::Avg => Acc::Sum(0, 0, 0.0),
+                    AggKind::Min | AggKind::Max => Acc::Set(BTreeMap::new()),
+                })
+                .collect(),
+        }
+    }
+
+    fn key(&self, group: &[u8]) -> Vec<u8> {
+        let mut k = table_prefix(self.state_id).to_vec();
+        k.extend_from_slice(group);
+        k
+    }
+
+    fn load(&self, ctx: &OpCtx<'_>, group: &[u8]) -> Result<Option<GroupState>> {
+        let Some(v) = ctx.get(&self.key(group))? else {
+            return Ok(None);
+        };
+        let mut buf = v.as_slice();
+        let rows = int(decode_value(&mut buf, &SqlType::Int8)?)?;
+        let mut accs = Vec::with_capacity(self.aggs.len());
+        for (a, t) in self.aggs.iter().zip(&self.arg_sql_types) {
+            accs.push(match a.kind {
+                AggKind::Count => Acc::Count(int(decode_value(&mut buf, &SqlType::Int8)?)?),
+                AggKind::Sum | AggKind::Avg => {
+                    let n = int(decode_value(&mut buf, &SqlType::Int8)?)?;
+                    let ScalarValue::Decimal128(Some(i), ..) = decode_value(
+                        &mut buf,
+                        &SqlType::Numeric {
+                            precision: 38,
+                            scale: 0,
+                        },
+                    )?
+                    else {
+                        return Err(Error::Storage("corrupt sum state".into()));
+                    };
+                    let ScalarValue::Float64(Some(f)) = decode_value(&mut buf, &SqlType::Float8)?
+                    else {
+                        return Err(Error::Storage("corrupt sum state".into()));
+                    };
+                    Acc::Sum(n, i, f)
+                }
+                AggKind::Min | AggKind::Max => {
+                    let t = t
+                        .as_ref()
+                        .ok_or_else(|| Error::Internal("min/max without type".into()))?;
+                    let len = int(decode_value(&mut buf, &SqlType::Int8)?)?;
+                    let mut set = BTreeMap::new();
+                    for _ in 0..len {
+                        let before = buf;
+                        let v = decode_value(&mut buf, t)?;
+                        let enc = before[..before.len() - buf.len()].to_vec();
+                        let c = int(decode_value(&mut buf, &SqlType::Int8)?)?;
+                        set.insert(enc, (v, c));
+                    }
+                    Acc::Set(set)
+                }
+            });
+        }
+        Ok(Some(GroupState { rows, accs }))
+    }
+
+    fn store(&self, ctx: &mut OpCtx<'_>, group: &[u8], s: &GroupState) -> Result<()> {
+        let mut v = Vec::new();
+        encode_value(&mut v, &SqlType::Int8, &ScalarValue::Int64(Some(s.rows)))?;
+        for acc in &s.accs {
+            match acc {
+                Acc::Count(c) => {
+                    encode_value(&mut v, &SqlType::Int8, &ScalarValue::Int64(Some(*c)))?
+                }
+                Acc::Sum(n, i, f) => {
+                    encode_value(&mut v, &SqlType::Int8, &ScalarValue::Int64(Some(*n)))?;
+                    encode_value(
+                        &mut v,
+                        &SqlType::Numeric {
+                            precision: 38,
+                            scale: 0,
+                        },
+                        &ScalarValue::Decimal128(Some(*i), 38, 0),
+                    )?;
+                    encode_value(&mut v, &SqlType::Float8, &ScalarValue::Float64(Some(*f)))?;
+                }
+                Acc::Set(set) => {
+                    encode_value(
+                        &mut v,
+                        &SqlType::Int8,
+                        &ScalarValue::Int64(Some(set.len() as i64)),
+                    )?;
+                    for (enc, (_, c)) in set {
+                        v.extend_from_slice(enc);
+                        encode_value(&mut v, &SqlType::Int8, &ScalarValue::Int64(Some(*c)))?;
+                    }
+                }
+            }
+        }
+        ctx.put(self.key(group), v);
+        Ok(())
+    }
+
+    /// The output row of a group (its key values, then the aggregates).
+    fn output(&self, keys: &[ScalarValue], s: &GroupState) -> Result<Vec<ScalarValue>> {
+        let mut row = keys.to_vec();
+        for (a, acc) in self.aggs.iter().zip(&s.accs) {
+            let v = match (a.kind, acc) {
+                (AggKind::Count, Acc::Count(c)) => ScalarValue::Int64(Some(*c)),
+                (AggKind::Sum | AggKind::Avg, Acc::Sum(n, i, f)) => {
+                    if *n == 0 {
+                        ScalarValue::try_from(&a.out_type)?
+                    } else {
+                        sum_or_avg(a, *n, *i, *f)?
+                    }
+                }
+                (AggKind::Min, Acc::Set(set)) => match set.values().next() {
+                    Some((v, _)) => v.clone(),
+                    None => ScalarValue::try_from(&a.out_type)?,
+                },
+                (AggKind::Max, Acc::Set(set)) => match set.values().next_back() {
+                    Some((v, _)) => v.clone(),
+                    None => ScalarValue::try_from(&a.out_type)?,
+                },
+                _ => return Err(Error::Internal("aggregate state does not match".into())),
+            };
+            let v = if v.data_type() == a.out_type {
+                v
+            } else {
+                v.cast_to(&a.out_type)?
+            };
+            row.push(v);
+        }
+        Ok(row)
+    }
+
+    fn apply(&self, s: &mut GroupState, args: &[ScalarValue], w: i64) -> Result<()> {
+        s.rows += w;
+        for (idx, (a, acc)) in self.aggs.iter().zip(&mut s.accs).enumerate() {
+            let v = &args[idx];
+            if v.is_null() {
+                continue;
+            }
+            match acc {
+                Acc::Count(c) => *c += w,
+                Acc::Sum(n, i, f) => {
+                    *n += w;
+                    if is_float(&a.arg_type) {
+                        if let ScalarValue::Float64(Some(x)) = v.cast_to(&DataType::Float64)? {
+                            *f += x * w as f64;
+                        }
+                    } else {
+                        let x: i128 = match v {
+                            ScalarValue::Decimal128(Some(x), ..) => *x,
+                            other => match other.cast_to(&DataType::Int64)? {
+                                ScalarValue::Int64(Some(x)) => x as i128,
+                                _ => 0,
+                            },
+                        };
+                        *i = x
+                            .checked_mul(w as i128)
+                            .and_then(|d| i.checked_add(d))
+                            .ok_or_else(|| {
+                                Error::data(
+                                    crate::error::DataErrorKind::NumericOutOfRange,
+                                    "sum out of range",
+                                )
+                            })?;
+                    }
+                }
+                Acc::Set(set) => {
+                    let t = self.arg_sql_types[idx]
+                        .as_ref()
+                        .ok_or_else(|| Error::Internal("min/max without type".into()))?;
+                    let v = if v.data_type() == t.arrow_type() {
+                        v.clone()
+                    } else {
+                        v.cast_to(&t.arrow_type())?
+                    };
+                    let mut enc = Vec::new();
+                    encode_value(&mut enc, t, &v)?;
+                    let entry = set.entry(enc.clone()).or_insert_with(|| (v, 0));
+                    entry.1 += w;
+                    if entry.1 == 0 {
+                        set.remove(&enc);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn int(v: ScalarValue) -> Result<i64> {
+    match v {
+        ScalarValue::Int64(Some(i)) => Ok(i),
+        _ => Err(Error::Storage("corrupt aggregate state".into())),
+    }
+}
+
+fn sum_or_avg(a: &AggSpec, n: i64, i: i128, f: f64) -> Result<ScalarValue> {
+    let float = is_float(&a.arg_type);
+    Ok(match (a.kind, &a.out_type) {
+        (AggKind::Sum, DataType::Float64 | DataType::Float32) => ScalarValue::Float64(Some(f)),
+        (AggKind::Sum, DataType::Decimal128(p, s)) => ScalarValue::Decimal128(Some(i), *p, *s),
+        (AggKind::Sum, _) => ScalarValue::Int64(Some(i64::try_from(i).map_err(|_| {
+            Error::data(
+                crate::error::DataErrorKind::NumericOutOfRange,
+                "bigint out of range",
+            )
+        })?)),
+        (AggKind::Avg, DataType::Decimal128(p, s)) => {
+            let in_scale = match a.arg_type {
+                DataType::Decimal128(_, s) => s,
+                _ => 0,
+            };
+            let shift = 10i128.pow((*s - in_scale).max(0) as u32);
+            let num = i * shift;
+            let q = num / n as i128;
+            let r = num % n as i128;
+            // Round half away from zero.
+            let q = if (r.abs() * 2) >= n as i128 {
+                q + num.signum()
+            } else {
+                q
+            };
+            ScalarValue::Decimal128(Some(q), *p, *s)
+        }
+        (AggKind::Avg, _) => {
+            let total = if float { f } else { i as f64 };
+            ScalarValue::Float64(Some(total / n as f64))
+        }
+        _ => return Err(Error::Internal("not a sum".into())),
+    })
+}
+
+fn rows_to_change(schema: &SchemaRef, rows: Vec<(Vec<ScalarValue>, i64)>) -> Result<ChangeBatch> {
+    if rows.is_empty() {
+        return Ok(ChangeBatch::empty(schema.clone()));
+    }
+    let ncols = schema.fields().len();
+    let mut cols: Vec<Vec<ScalarValue>> = vec![Vec::with_capacity(rows.len()); ncols];
+    let mut weights = Vec::with_capacity(rows.len());
+    for (row, w) in rows {
+        for (i, v) in row.into_iter().enumerate() {
+            cols[i].push(v);
+        }
+        weights.push(w);
+    }
+    let arrays = cols
+        .into_iter()
+        .zip(schema.fields())
+        .map(|(c, f)| {
+            let a = ScalarValue::iter_to_array(c)?;
+            Ok(if a.data_type() == f.data_type() {
+                a
+            } else {
+                datafusion::arrow::compute::cast(&a, f.data_type())?
+            })
+        })
+        .collect::<Result<Vec<ArrayRef>>>()?;
+    let data = RecordBatch::try_new(schema.clone(), arrays)?;
+    Ok(ChangeBatch {
+        data,
+        weights: Int64Array::from(weights),
+    })
+}
+
+impl Operator for HashAggregate {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn describe(&self) -> String {
+        let groups: Vec<String> = self.group_exprs.iter().map(|e| e.to_string()).collect();
+        let aggs: Vec<String> = self
+            .aggs
+            .iter()
+            .map(|a| format!("{:?}({})", a.kind, a.arg))
+            .collect();
+        format!(
+            "HashAggregate: state={} group=[{}] aggs=[{}]",
+            self.state_id,
+            groups.join(", "),
+            aggs.join(", ")
+        )
+    }
+
+    /// A global aggregate (no GROUP BY) has one row over the empty input.
+    fn initial_output(&self) -> Result<Option<ChangeBatch>> {
+        if !self.group_exprs.is_empty() {
+            return Ok(None);
+        }
+        let row = self.output(&[], &self.empty_state())?;
+        Ok(Some(rows_to_change(&self.schema, vec![(row, 1)])?))
+    }
+
+    fn process(&mut self, input: ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<ChangeBatch> {
+        let n = input.len();
+        let groups = self
+            .group_exprs
+            .iter()
+            .map(|e| Ok(e.evaluate(&input.data)?.into_array(n)?))
+            .collect::<Result<Vec<ArrayRef>>>()?;
+        let args = self
+            .aggs
+            .iter()
+            .map(|a| Ok(a.arg.evaluate(&input.data)?.into_array(n)?))
+            .collect::<Result<Vec<ArrayRef>>>()?;
+        // Group the delta's rows by encoded group key, in first-seen order.
+        let mut touched: Vec<(Vec<u8>, Vec<ScalarValue>)> = Vec::new();
+        let mut states: HashMap<Vec<u8>, (Option<GroupState>, GroupState)> = HashMap::new();
+        for r in 0..n {
+            let mut key = Vec::new();
+            let mut key_values = Vec::with_capacity(groups.len());
+            for (g, t) in groups.iter().zip(&self.group_types) {
+                let v = ScalarValue::try_from_array(g.as_ref(), r)?;
+                let v = if v.data_type() == t.arrow_type() {
+                    v
+                } else {
+                    v.cast_to(&t.arrow_type())?
+                };
+                encode_value(&mut key, t, &v)?;
+                key_values.push(v);
+            }
+            if !states.contains_key(&key) {
+                let old = self.load(ctx, &key)?;
+                let cur = old.clone().unwrap_or_else(|| self.empty_state());
+                states.insert(key.clone(), (old, cur));
+                touched.push((key.clone(), key_values));
+            }
+            let row_args = args
+                .iter()
+                .map(|a| ScalarValue::try_from_array(a.as_ref(), r))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let (_, cur) = states
+                .get_mut(&key)
+                .ok_or_else(|| Error::Internal("group vanished".into()))?;
+            self.apply(cur, &row_args, input.weights.value(r))?;
+        }
+        let global = self.group_exprs.is_empty();
+        let mut out = Vec::new();
+        for (key, key_values) in touched {
+            let (old, new) = states
+                .remove(&key)
+                .ok_or_else(|| Error::Internal("group vanished".into()))?;
+            if new.rows < 0 {
+                return Err(Error::Internal(
+                    "a group would have a negative row count".into(),
+                ));
+            }
+            let old_row = match &old {
+                Some(s) if s.rows > 0 || global => Some(self.output(&key_values, s)?),
+                None if global => Some(self.output(&key_values, &self.empty_state())?),
+                _ => None,
+            };
+            let new_row = if new.rows > 0 || global {
+                Some(self.output(&key_values, &new)?)
+            } else {
+                None
+            };
+            if new.rows == 0 {
+                ctx.delete(self.key(&key));
+            } else {
+                self.store(ctx, &key, &new)?;
+            }
+            if old_row != new_row {
+                if let Some(r) = old_row {
+                    out.push((r, -1));
+                }
+                if let Some(r) = new_row {
+                    out.push((r, 1));
+                }
+            }
+        }
+        rows_to_change(&self.schema, out)
+    }
+}
