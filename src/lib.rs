@@ -1,9 +1,10 @@
 //! # Sluice
 //!
 //! An embedded streaming SQL engine: one binary that speaks the PostgreSQL
-//! wire protocol, stores tables in RocksDB and answers SQL through Apache
-//! DataFusion. (Materialized views, Kafka sources and sinks build on exactly
-//! these layers; see `docs/ARCHITECTURE.md`.)
+//! wire protocol, stores tables in RocksDB, answers SQL through Apache
+//! DataFusion and keeps materialized views up to date incrementally. (Kafka
+//! sources and sinks build on exactly these layers; see
+//! `docs/ARCHITECTURE.md`.)
 //!
 //! ## Layers
 //!
@@ -11,9 +12,10 @@
 //!
 //! ```text
 //! server (pgwire) → session → sql (one handler per statement) → engine
-//!                                                   ├─ catalog   (tables, views; in RocksDB)
+//!                                                   ├─ planner   (LogicalPlan → Pipeline)
+//!                                                   ├─ catalog   (tables, views, MVs; in RocksDB)
 //!                                                   ├─ query     (DataFusion TableProviders)
-//!                                                   ├─ dataflow  (change batches)
+//!                                                   ├─ dataflow  (change batches, operators)
 //!                                                   └─ state     (RocksDB store, key encoding)
 //! ```
 //!
@@ -51,6 +53,20 @@
 //! [`engine::Engine::commit`]: one RocksDB `WriteBatch` (durable before the
 //! client hears `INSERT 0 n`) followed by a [`dataflow::ChangeBatch`] on the
 //! change feed.
+//!
+//! ## Life of a row through a materialized view
+//!
+//! Before that `WriteBatch` is written, [`engine::Engine::commit`] hands the
+//! statement's change batch (+1 per inserted row) to every
+//! [`dataflow::operator::Pipeline`] reading the table (planned from the
+//! view's query by [`planner::plan_view`]): a
+//! [`dataflow::operator::Filter`] drops it or keeps it,
+//! [`dataflow::operator::Project`] computes the view's columns, a
+//! [`dataflow::aggregate::HashAggregate`] reads its group's state from
+//! RocksDB, updates it and emits −1 old / +1 new group row, and
+//! [`dataflow::operator::Materialize`] adds the delta to the view's stored
+//! rows — all staged into the same `WriteBatch` as the table write, so the
+//! view is exactly as of every commit, after `kill -9` too.
 //!
 //! Errors are one typed enum, [`error::Error`]; SQLSTATEs are assigned only
 //! at the wire, in [`server::errors`].

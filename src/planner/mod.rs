@@ -78,8 +78,16 @@ pub fn plan_view(
         });
     }
     let schema: SchemaRef = Arc::new(Schema::new(fields));
-    // Rename and cast to the stored types (Project casts when they differ).
-    ops.push(Box::new(Project::new(exprs, schema.clone())));
+    // Rename and cast to the stored types (Project casts when they differ),
+    // unless the rows already have the stored names and types.
+    let same = schema
+        .fields()
+        .iter()
+        .zip(out.fields())
+        .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
+    if !same {
+        ops.push(Box::new(Project::new(exprs, schema.clone())));
+    }
     let types = columns.iter().map(|c| c.ty.clone()).collect();
     ops.push(Box::new(Materialize::new(id, types, schema)));
     Ok(PlannedView {
@@ -146,15 +154,15 @@ fn walk(
                 ))
             })?;
             let full = scan.source.schema();
-            let qualified = DFSchema::try_from_qualified_schema(scan.table_name.clone(), &full)?;
-            // Filters DataFusion pushed into the scan apply to full rows.
-            if let Some(pred) = scan.filters.iter().cloned().reduce(Expr::and) {
-                ops.push(Box::new(Filter::new(
-                    physical(&pred, &qualified)?,
-                    full.clone(),
-                )));
-            }
-            if let Some(proj) = &scan.projection {
+            // Filters pushed into the scan need no operator here: our table
+            // providers accept them as `Inexact` (`StoredTable::
+            // supports_filters_pushdown`), so DataFusion keeps the Filter
+            // node above the scan, and that node is planned as a Filter.
+            let identity = scan
+                .projection
+                .as_ref()
+                .is_none_or(|p| p.iter().copied().eq(0..full.fields().len()));
+            if let (Some(proj), false) = (&scan.projection, identity) {
                 let exprs: Vec<Arc<dyn PhysicalExpr>> = proj
                     .iter()
                     .map(|&i| {
