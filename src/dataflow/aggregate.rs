@@ -510,3 +510,115 @@ impl Operator for HashAggregate {
         rows_to_change(&self.schema, out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Store;
+    use datafusion::arrow::datatypes::{Field, Schema};
+    use datafusion::physical_expr::expressions::col;
+    use rocksdb::WriteBatch;
+
+    fn input() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, true),
+        ]))
+    }
+
+    fn agg(group: bool) -> HashAggregate {
+        let s = input();
+        let spec = |kind, out_type| AggSpec {
+            kind,
+            arg: col("n", &s).unwrap(),
+            arg_type: DataType::Int64,
+            out_type,
+        };
+        let mut fields = vec![];
+        if group {
+            fields.push(Field::new("g", DataType::Utf8, true));
+        }
+        fields.extend([
+            Field::new("c", DataType::Int64, true),
+            Field::new("s", DataType::Int64, true),
+            Field::new("lo", DataType::Int64, true),
+            Field::new("hi", DataType::Int64, true),
+        ]);
+        HashAggregate::new(
+            7,
+            if group {
+                vec![col("g", &s).unwrap()]
+            } else {
+                vec![]
+            },
+            vec![
+                spec(AggKind::Count, DataType::Int64),
+                spec(AggKind::Sum, DataType::Int64),
+                spec(AggKind::Min, DataType::Int64),
+                spec(AggKind::Max, DataType::Int64),
+            ],
+            Arc::new(Schema::new(fields)),
+        )
+        .unwrap()
+    }
+
+    /// Runs each fixture through the operator, committing between steps,
+    /// and returns the printed outputs.
+    fn run(op: &mut HashAggregate, steps: &[&str]) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        steps
+            .iter()
+            .map(|text| {
+                let mut batch = WriteBatch::default();
+                let out = {
+                    let mut ctx = OpCtx::new(&store, &mut batch);
+                    let delta = ChangeBatch::from_pretty(input(), text).unwrap();
+                    op.process(delta, &mut ctx).unwrap()
+                };
+                store.write(batch).unwrap();
+                out.to_pretty().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn group_by_retracts_and_finds_the_next_extreme() {
+        let mut op = agg(true);
+        let out = run(
+            &mut op,
+            &[
+                "+1 | a | 5
+                 +1 | a | 9
+                 +1 | b | NULL",
+                "-1 | a | 9",
+                "-1 | a | 5
+                 +1 | b | 2",
+            ],
+        );
+        // COUNT(n) skips the NULL.
+        assert_eq!(
+            out[0],
+            "+1 | a | 2 | 14 | 5 | 9\n+1 | b | 0 | NULL | NULL | NULL"
+        );
+        // Deleting the maximum finds the next one.
+        assert_eq!(out[1], "+1 | a | 1 | 5 | 5 | 5\n-1 | a | 2 | 14 | 5 | 9");
+        // The group disappears with its last row.
+        assert_eq!(
+            out[2],
+            "+1 | b | 1 | 2 | 2 | 2\n-1 | a | 1 | 5 | 5 | 5\n-1 | b | 0 | NULL | NULL | NULL"
+        );
+    }
+
+    #[test]
+    fn global_aggregate_keeps_its_row_when_empty() {
+        let mut op = agg(false);
+        assert_eq!(
+            op.initial_output().unwrap().unwrap().to_pretty().unwrap(),
+            "+1 | 0 | NULL | NULL | NULL"
+        );
+        let out = run(&mut op, &["+1 | a | 3", "-1 | a | 3"]);
+        assert_eq!(out[0], "+1 | 1 | 3 | 3 | 3\n-1 | 0 | NULL | NULL | NULL");
+        assert_eq!(out[1], "+1 | 0 | NULL | NULL | NULL\n-1 | 1 | 3 | 3 | 3");
+    }
+}
