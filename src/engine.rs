@@ -270,13 +270,14 @@ impl Engine {
         while i < changes.len() {
             let source = changes[i].table_id;
             let mut produced = Vec::new();
-            for p in pipelines.iter_mut().filter(|p| p.source == source) {
-                let out = p.process(changes[i].changes.clone(), &mut ctx)?;
-                if !out.is_empty() {
-                    produced.push(TableChange {
-                        table_id: p.sink,
-                        changes: out,
-                    });
+            for p in pipelines.iter_mut().filter(|p| p.reads(source)) {
+                if let Some(out) = p.process(source, &changes[i].changes, &mut ctx)? {
+                    if !out.is_empty() {
+                        produced.push(TableChange {
+                            table_id: p.sink,
+                            changes: out,
+                        });
+                    }
                 }
             }
             changes.extend(produced);

@@ -29,6 +29,17 @@ const VIEWS: &[(&str, &str)] = &[
     ("a4", "SELECT b, c * 10 AS c10 FROM a1 WHERE c > 1"),
     ("a5", "SELECT a % 4 AS bucket, count(*) AS c, sum(id) AS s FROM t1 WHERE b IS NOT NULL GROUP BY a % 4"),
     ("a6", "SELECT b, count(DISTINCT a) AS d FROM t1 GROUP BY b"),
+    ("j1", "SELECT t1.id, t1.b, t2.v FROM t1 JOIN t2 ON t1.id % 10 = t2.k"),
+    (
+        "j2",
+        "SELECT t2.k, count(*) AS c, sum(t1.a) AS s FROM t1 JOIN t2 ON t1.id % 10 = t2.k WHERE t2.v IS NOT NULL GROUP BY t2.k",
+    ),
+    ("j3", "SELECT x.k, x.v AS v1, y.v AS v2 FROM t2 x JOIN t2 y ON x.k = y.k AND x.v < y.v"),
+    ("j4", "SELECT m1.a2, t2.v FROM m1 JOIN t2 ON m1.id % 10 = t2.k"),
+    (
+        "j5",
+        "SELECT t1.b, t2.v, t3.k FROM t1 JOIN t2 ON t1.id % 10 = t2.k JOIN t2 t3 ON t3.v = t1.a",
+    ),
 ];
 
 async fn rows(c: &Client, sql: &str) -> Vec<String> {

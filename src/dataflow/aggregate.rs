@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch};
+use datafusion::arrow::array::ArrayRef;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::PhysicalExpr;
@@ -368,38 +368,6 @@ fn sum_or_avg(a: &AggSpec, n: i64, i: i128, f: f64) -> Result<ScalarValue> {
     })
 }
 
-fn rows_to_change(schema: &SchemaRef, rows: Vec<(Vec<ScalarValue>, i64)>) -> Result<ChangeBatch> {
-    if rows.is_empty() {
-        return Ok(ChangeBatch::empty(schema.clone()));
-    }
-    let ncols = schema.fields().len();
-    let mut cols: Vec<Vec<ScalarValue>> = vec![Vec::with_capacity(rows.len()); ncols];
-    let mut weights = Vec::with_capacity(rows.len());
-    for (row, w) in rows {
-        for (i, v) in row.into_iter().enumerate() {
-            cols[i].push(v);
-        }
-        weights.push(w);
-    }
-    let arrays = cols
-        .into_iter()
-        .zip(schema.fields())
-        .map(|(c, f)| {
-            let a = ScalarValue::iter_to_array(c)?;
-            Ok(if a.data_type() == f.data_type() {
-                a
-            } else {
-                datafusion::arrow::compute::cast(&a, f.data_type())?
-            })
-        })
-        .collect::<Result<Vec<ArrayRef>>>()?;
-    let data = RecordBatch::try_new(schema.clone(), arrays)?;
-    Ok(ChangeBatch {
-        data,
-        weights: Int64Array::from(weights),
-    })
-}
-
 impl Operator for HashAggregate {
     fn schema(&self) -> SchemaRef {
         self.schema.clone()
@@ -426,7 +394,7 @@ impl Operator for HashAggregate {
             return Ok(None);
         }
         let row = self.output(&[], &self.empty_state())?;
-        Ok(Some(rows_to_change(&self.schema, vec![(row, 1)])?))
+        Ok(Some(ChangeBatch::from_rows(&self.schema, vec![(row, 1)])?))
     }
 
     fn process(&mut self, input: ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<ChangeBatch> {
@@ -507,7 +475,7 @@ impl Operator for HashAggregate {
                 }
             }
         }
-        rows_to_change(&self.schema, out)
+        ChangeBatch::from_rows(&self.schema, out)
     }
 }
 

@@ -16,6 +16,7 @@
 //! incrementally maintained views subscribe to that feed.
 
 pub mod aggregate;
+pub mod join;
 pub mod operator;
 
 use datafusion::arrow::array::{Int64Array, RecordBatch};
@@ -73,6 +74,42 @@ impl ChangeBatch {
     /// An empty change batch of `schema`.
     pub fn empty(schema: SchemaRef) -> Self {
         ChangeBatch::uniform(RecordBatch::new_empty(schema), 1)
+    }
+
+    /// A batch of `schema` from rows of scalars and their weights.
+    pub fn from_rows(
+        schema: &SchemaRef,
+        rows: Vec<(Vec<datafusion::common::ScalarValue>, i64)>,
+    ) -> Result<ChangeBatch> {
+        use datafusion::common::ScalarValue;
+        if rows.is_empty() {
+            return Ok(ChangeBatch::empty(schema.clone()));
+        }
+        let ncols = schema.fields().len();
+        let mut cols: Vec<Vec<ScalarValue>> = vec![Vec::with_capacity(rows.len()); ncols];
+        let mut weights = Vec::with_capacity(rows.len());
+        for (row, w) in rows {
+            for (i, v) in row.into_iter().enumerate() {
+                cols[i].push(v);
+            }
+            weights.push(w);
+        }
+        let arrays = cols
+            .into_iter()
+            .zip(schema.fields())
+            .map(|(c, f)| {
+                let a = ScalarValue::iter_to_array(c)?;
+                Ok(if a.data_type() == f.data_type() {
+                    a
+                } else {
+                    datafusion::arrow::compute::cast(&a, f.data_type())?
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ChangeBatch {
+            data: RecordBatch::try_new(schema.clone(), arrays)?,
+            weights: Int64Array::from(weights),
+        })
     }
 
     /// Parses the test fixture format: one row per line, the weight first,

@@ -7,7 +7,7 @@
 //! the change, so a view's state is always exactly as of the last commit,
 //! after a crash too.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
@@ -27,7 +27,7 @@ use crate::state::Store;
 pub struct OpCtx<'a> {
     store: &'a Store,
     batch: &'a mut WriteBatch,
-    staged: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    staged: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl<'a> OpCtx<'a> {
@@ -36,7 +36,7 @@ impl<'a> OpCtx<'a> {
         OpCtx {
             store,
             batch,
-            staged: HashMap::new(),
+            staged: BTreeMap::new(),
         }
     }
 
@@ -46,6 +46,26 @@ impl<'a> OpCtx<'a> {
             Some(v) => Ok(v.clone()),
             None => self.store.get(key),
         }
+    }
+
+    /// Every key/value under `prefix` as this commit will leave them, in
+    /// key order.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut found: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        self.store.scan_prefix(prefix, |k, v| {
+            found.insert(k.to_vec(), v.to_vec());
+            Ok(true)
+        })?;
+        for (k, v) in self.staged.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(v) => found.insert(k.clone(), v.clone()),
+                None => found.remove(k),
+            };
+        }
+        Ok(found.into_iter().collect())
     }
 
     /// Stages a put.
@@ -251,50 +271,171 @@ impl Operator for Materialize {
     }
 }
 
-/// A linear chain of operators: one source relation in, one view out.
+/// A node of a view's dataflow tree.
+#[derive(Debug)]
+pub enum Node {
+    /// The changes of a relation (a table or a materialized view), by id.
+    Source(u32),
+    /// An operator over one input.
+    Unary {
+        /// The operator.
+        op: Box<dyn Operator>,
+        /// Its input.
+        input: Box<Node>,
+    },
+    /// An incremental join of two inputs.
+    Join {
+        /// The join.
+        op: Box<super::join::Join>,
+        /// Left input.
+        left: Box<Node>,
+        /// Right input.
+        right: Box<Node>,
+    },
+}
+
+impl Node {
+    fn sources(&self, out: &mut Vec<u32>) {
+        match self {
+            Node::Source(id) => {
+                if !out.contains(id) {
+                    out.push(*id)
+                }
+            }
+            Node::Unary { input, .. } => input.sources(out),
+            Node::Join { left, right, .. } => {
+                left.sources(out);
+                right.sources(out);
+            }
+        }
+    }
+
+    /// The delta this node outputs when `source` changed by `delta`
+    /// (`None` when the source does not feed this node).
+    fn process(
+        &mut self,
+        source: u32,
+        delta: &ChangeBatch,
+        ctx: &mut OpCtx<'_>,
+    ) -> Result<Option<ChangeBatch>> {
+        match self {
+            Node::Source(id) => Ok((*id == source).then(|| delta.clone())),
+            Node::Unary { op, input } => match input.process(source, delta, ctx)? {
+                Some(d) if !d.is_empty() => Ok(Some(op.process(d, ctx)?)),
+                other => Ok(other),
+            },
+            Node::Join { op, left, right } => {
+                let l = left.process(source, delta, ctx)?;
+                let r = right.process(source, delta, ctx)?;
+                if l.is_none() && r.is_none() {
+                    return Ok(None);
+                }
+                Ok(Some(op.process(l, r, ctx)?))
+            }
+        }
+    }
+
+    /// What this node outputs over empty inputs (a global aggregate's row).
+    fn init(&mut self, ctx: &mut OpCtx<'_>) -> Result<Option<ChangeBatch>> {
+        match self {
+            Node::Source(_) => Ok(None),
+            Node::Unary { op, input } => {
+                let below = match input.init(ctx)? {
+                    Some(d) => Some(op.process(d, ctx)?),
+                    None => None,
+                };
+                let own = op.initial_output()?;
+                Ok(match (below, own) {
+                    (Some(a), Some(b)) => Some(ChangeBatch::concat(&op.schema(), &[a, b])?),
+                    (a, b) => a.or(b),
+                })
+            }
+            Node::Join { op, left, right } => {
+                let l = left.init(ctx)?;
+                let r = right.init(ctx)?;
+                if l.is_none() && r.is_none() {
+                    return Ok(None);
+                }
+                Ok(Some(op.process(l, r, ctx)?))
+            }
+        }
+    }
+
+    fn explain(&self, depth: usize, lines: &mut Vec<String>) {
+        let pad = "  ".repeat(depth);
+        match self {
+            Node::Source(id) => lines.push(format!("{pad}Source: relation {id}")),
+            Node::Unary { op, input } => {
+                lines.push(format!("{pad}{}", op.describe()));
+                input.explain(depth, lines);
+            }
+            Node::Join { op, left, right } => {
+                lines.push(format!("{pad}{}", op.describe()));
+                left.explain(depth + 1, lines);
+                right.explain(depth + 1, lines);
+            }
+        }
+    }
+}
+
+/// The dataflow maintaining one materialized view: a tree of operators
+/// from its source relations up to the view's [`Materialize`].
 #[derive(Debug)]
 pub struct Pipeline {
-    /// The relation (table or view id) whose changes feed the pipeline.
-    pub source: u32,
     /// The view the pipeline maintains.
     pub sink: u32,
-    ops: Vec<Box<dyn Operator>>,
+    root: Node,
+    sources: Vec<u32>,
 }
 
 impl Pipeline {
-    /// A pipeline from `source` through `ops` (the last one materializes
-    /// `sink`).
-    pub fn new(source: u32, sink: u32, ops: Vec<Box<dyn Operator>>) -> Self {
-        Pipeline { source, sink, ops }
+    /// A pipeline maintaining `sink` through `root`.
+    pub fn new(sink: u32, root: Node) -> Self {
+        let mut sources = Vec::new();
+        root.sources(&mut sources);
+        Pipeline {
+            sink,
+            root,
+            sources,
+        }
     }
 
-    /// Emits what the operators output for an empty input (run once, when
+    /// The relations whose changes feed the view.
+    pub fn sources(&self) -> &[u32] {
+        &self.sources
+    }
+
+    /// Whether changes of `id` feed the view.
+    pub fn reads(&self, id: u32) -> bool {
+        self.sources.contains(&id)
+    }
+
+    /// Emits what the operators output over empty inputs (run once, when
     /// the view is created, before the backfill).
     pub fn init(&mut self, ctx: &mut OpCtx<'_>) -> Result<()> {
-        for i in 0..self.ops.len() {
-            if let Some(mut delta) = self.ops[i].initial_output()? {
-                for op in &mut self.ops[i + 1..] {
-                    delta = op.process(delta, ctx)?;
-                }
-            }
-        }
+        self.root.init(ctx)?;
         Ok(())
     }
 
-    /// Pushes a delta through every operator.
-    pub fn process(&mut self, mut delta: ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<ChangeBatch> {
-        for op in &mut self.ops {
-            if delta.is_empty() {
-                break;
-            }
-            delta = op.process(delta, ctx)?;
+    /// Pushes a change of relation `source` through the dataflow; returns
+    /// the view's delta.
+    pub fn process(
+        &mut self,
+        source: u32,
+        delta: &ChangeBatch,
+        ctx: &mut OpCtx<'_>,
+    ) -> Result<Option<ChangeBatch>> {
+        if delta.is_empty() {
+            return Ok(None);
         }
-        Ok(delta)
+        self.root.process(source, delta, ctx)
     }
 
     /// One line per operator, sink first, for EXPLAIN.
     pub fn explain(&self) -> Vec<String> {
-        self.ops.iter().rev().map(|o| o.describe()).collect()
+        let mut lines = Vec::new();
+        self.root.explain(0, &mut lines);
+        lines
     }
 }
 

@@ -5,26 +5,29 @@
 //! maintain its result from the changes of the one relation it reads:
 //! `TableScan` → source, `Filter` → [`Filter`], `Projection` →
 //! [`Project`], `Aggregate` → [`HashAggregate`] (COUNT, SUM, AVG, MIN,
-//! MAX), then a final [`Materialize`]. Expressions are compiled with
+//! MAX), inner equi-`Join` → [`Join`] (with any extra condition as a
+//! filter above it), then a final [`Materialize`]. Expressions are compiled with
 //! DataFusion's `create_physical_expr`, so every scalar expression
 //! DataFusion evaluates works unchanged on change batches.
 //!
-//! Anything else (joins, other aggregates, ORDER BY/LIMIT, windows, unions,
-//! subqueries) is refused with SQLSTATE 0A000 naming the construct: a view
+//! Anything else (outer joins, other aggregates, ORDER BY/LIMIT, windows,
+//! unions) is refused with SQLSTATE 0A000 naming the construct: a view
 //! that cannot be maintained exactly is never created.
 
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::common::DFSchema;
+use datafusion::common::NullEquality;
 use datafusion::execution::context::ExecutionProps;
-use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan};
+use datafusion::logical_expr::{Expr, ExprSchemable, JoinType, LogicalPlan};
 use datafusion::physical_expr::{create_physical_expr, PhysicalExpr};
 
 use crate::catalog::types::SqlType;
 use crate::catalog::ColumnDef;
 use crate::dataflow::aggregate::{AggKind, AggSpec, HashAggregate};
-use crate::dataflow::operator::{Filter, Materialize, Operator, Pipeline, Project};
+use crate::dataflow::join::{Join, JoinSide};
+use crate::dataflow::operator::{Filter, Materialize, Node, Operator, Pipeline, Project};
 use crate::error::{Error, Result};
 
 /// A planned materialized view.
@@ -32,8 +35,8 @@ use crate::error::{Error, Result};
 pub struct PlannedView {
     /// The operators.
     pub pipeline: Pipeline,
-    /// Name of the relation the view reads.
-    pub source: String,
+    /// The relations the view reads: (id, name).
+    pub sources: Vec<(u32, String)>,
     /// The view's columns.
     pub columns: Vec<ColumnDef>,
 }
@@ -49,9 +52,12 @@ pub fn plan_view(
     resolve: &dyn Fn(&str) -> Option<u32>,
     state_ids: &mut dyn FnMut() -> Result<u32>,
 ) -> Result<PlannedView> {
-    let mut ops: Vec<Box<dyn Operator>> = Vec::new();
-    let mut cx = Walk { resolve, state_ids };
-    let (source_id, source) = walk(plan, &mut ops, &mut cx)?;
+    let mut cx = Walk {
+        resolve,
+        state_ids,
+        sources: Vec::new(),
+    };
+    let mut root = walk(plan, &mut cx)?;
     let out = plan.schema().as_arrow().clone();
     let mut columns = Vec::with_capacity(out.fields().len());
     let mut fields = Vec::with_capacity(out.fields().len());
@@ -86,13 +92,13 @@ pub fn plan_view(
         .zip(out.fields())
         .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
     if !same {
-        ops.push(Box::new(Project::new(exprs, schema.clone())));
+        root = unary(Project::new(exprs, schema.clone()), root);
     }
     let types = columns.iter().map(|c| c.ty.clone()).collect();
-    ops.push(Box::new(Materialize::new(id, types, schema)));
+    root = unary(Materialize::new(id, types, schema), root);
     Ok(PlannedView {
-        pipeline: Pipeline::new(source_id, id, ops),
-        source,
+        pipeline: Pipeline::new(id, root),
+        sources: cx.sources,
         columns,
     })
 }
@@ -109,37 +115,47 @@ fn physical(e: &Expr, schema: &DFSchema) -> Result<Arc<dyn PhysicalExpr>> {
 struct Walk<'a> {
     resolve: &'a dyn Fn(&str) -> Option<u32>,
     state_ids: &'a mut dyn FnMut() -> Result<u32>,
+    sources: Vec<(u32, String)>,
 }
 
-fn walk(
-    plan: &LogicalPlan,
-    ops: &mut Vec<Box<dyn Operator>>,
-    cx: &mut Walk<'_>,
-) -> Result<(u32, String)> {
+fn unary(op: impl Operator + 'static, input: Node) -> Node {
+    Node::Unary {
+        op: Box::new(op),
+        input: Box::new(input),
+    }
+}
+
+fn sql_types(schema: &DFSchema) -> Result<Vec<SqlType>> {
+    schema
+        .fields()
+        .iter()
+        .map(|f| SqlType::from_arrow(f.data_type()))
+        .collect()
+}
+
+fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
     match plan {
         LogicalPlan::Projection(p) => {
-            let src = walk(&p.input, ops, cx)?;
+            let input = walk(&p.input, cx)?;
             let exprs = p
                 .expr
                 .iter()
                 .map(|e| physical(e, p.input.schema()))
                 .collect::<Result<Vec<_>>>()?;
-            ops.push(Box::new(Project::new(
-                exprs,
-                Arc::new(p.schema.as_arrow().clone()),
-            )));
-            Ok(src)
+            Ok(unary(
+                Project::new(exprs, Arc::new(p.schema.as_arrow().clone())),
+                input,
+            ))
         }
         LogicalPlan::Filter(f) => {
-            let src = walk(&f.input, ops, cx)?;
+            let input = walk(&f.input, cx)?;
             let pred = physical(&f.predicate, f.input.schema())?;
-            ops.push(Box::new(Filter::new(
-                pred,
-                Arc::new(f.input.schema().as_arrow().clone()),
-            )));
-            Ok(src)
+            Ok(unary(
+                Filter::new(pred, Arc::new(f.input.schema().as_arrow().clone())),
+                input,
+            ))
         }
-        LogicalPlan::SubqueryAlias(a) => walk(&a.input, ops, cx),
+        LogicalPlan::SubqueryAlias(a) => walk(&a.input, cx),
         LogicalPlan::TableScan(scan) => {
             if scan.fetch.is_some() {
                 return Err(Error::unsupported(
@@ -153,6 +169,9 @@ fn walk(
                     scan.table_name
                 ))
             })?;
+            if !cx.sources.iter().any(|(i, _)| *i == id) {
+                cx.sources.push((id, name));
+            }
             let full = scan.source.schema();
             // Filters pushed into the scan need no operator here: our table
             // providers accept them as `Inexact` (`StoredTable::
@@ -162,6 +181,7 @@ fn walk(
                 .projection
                 .as_ref()
                 .is_none_or(|p| p.iter().copied().eq(0..full.fields().len()));
+            let mut node = Node::Source(id);
             if let (Some(proj), false) = (&scan.projection, identity) {
                 let exprs: Vec<Arc<dyn PhysicalExpr>> = proj
                     .iter()
@@ -172,15 +192,79 @@ fn walk(
                         )) as Arc<dyn PhysicalExpr>
                     })
                     .collect();
-                ops.push(Box::new(Project::new(
-                    exprs,
-                    Arc::new(scan.projected_schema.as_arrow().clone()),
+                node = unary(
+                    Project::new(exprs, Arc::new(scan.projected_schema.as_arrow().clone())),
+                    node,
+                );
+            }
+            Ok(node)
+        }
+        LogicalPlan::Join(j) => {
+            if j.join_type != JoinType::Inner {
+                return Err(Error::unsupported(format!(
+                    "{} JOIN is not supported in a materialized view yet; only INNER JOIN",
+                    j.join_type.to_string().to_uppercase()
                 )));
             }
-            Ok((id, name))
+            if j.null_equality != NullEquality::NullEqualsNothing {
+                return Err(Error::unsupported(
+                    "joins where NULL equals NULL are not supported in a materialized view yet",
+                ));
+            }
+            let left = walk(&j.left, cx)?;
+            let right = walk(&j.right, cx)?;
+            let (ls, rs) = (j.left.schema(), j.right.schema());
+            let mut left_keys = Vec::new();
+            let mut right_keys = Vec::new();
+            let mut key_types = Vec::new();
+            for (l, r) in &j.on {
+                let lt = l.to_field(ls)?.1.data_type().clone();
+                let rt = r.to_field(rs)?.1.data_type().clone();
+                // Compare keys in one common type (DataFusion has coerced
+                // them already; a cast is a no-op then).
+                let t = SqlType::from_arrow(&lt)?;
+                if SqlType::from_arrow(&rt)? != t {
+                    return Err(Error::unsupported(format!(
+                        "join keys of different types ({lt} and {rt}) are not supported in a materialized view yet"
+                    )));
+                }
+                left_keys.push(physical(l, ls)?);
+                right_keys.push(physical(r, rs)?);
+                key_types.push(t);
+            }
+            let join = Join::new(
+                JoinSide {
+                    state_id: (cx.state_ids)()?,
+                    keys: left_keys,
+                    key_types: key_types.clone(),
+                    row_types: sql_types(ls)?,
+                },
+                JoinSide {
+                    state_id: (cx.state_ids)()?,
+                    keys: right_keys,
+                    key_types,
+                    row_types: sql_types(rs)?,
+                },
+                Arc::new(j.schema.as_arrow().clone()),
+            );
+            let mut node = Node::Join {
+                op: Box::new(join),
+                left: Box::new(left),
+                right: Box::new(right),
+            };
+            if let Some(filter) = &j.filter {
+                node = unary(
+                    Filter::new(
+                        physical(filter, &j.schema)?,
+                        Arc::new(j.schema.as_arrow().clone()),
+                    ),
+                    node,
+                );
+            }
+            Ok(node)
         }
         LogicalPlan::Aggregate(agg) => {
-            let src = walk(&agg.input, ops, cx)?;
+            let input_node = walk(&agg.input, cx)?;
             let input = agg.input.schema();
             let group_exprs = agg
                 .group_expr
@@ -229,13 +313,10 @@ fn walk(
                 });
             }
             let state_id = (cx.state_ids)()?;
-            ops.push(Box::new(HashAggregate::new(
-                state_id,
-                group_exprs,
-                aggs,
-                Arc::new(out.clone()),
-            )?));
-            Ok(src)
+            Ok(unary(
+                HashAggregate::new(state_id, group_exprs, aggs, Arc::new(out.clone()))?,
+                input_node,
+            ))
         }
         other => Err(Error::unsupported(format!(
             "{} is not supported in a materialized view yet",

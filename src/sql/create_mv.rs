@@ -89,23 +89,25 @@ pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
     )?;
     let PlannedView {
         mut pipeline,
-        source,
+        sources,
         columns,
     } = planned;
 
-    // Backfill: the source's current rows, as one insertion delta.
-    let source_table = match engine.catalog.get(&source) {
-        Some(Relation::Table(t)) => t,
-        Some(Relation::MaterializedView(m)) => m.table.clone(),
-        _ => return Err(Error::UndefinedTable(source)),
-    };
-    let rows = StoredTable::new(source_table.clone(), engine.store.clone()).read(&[], None)?;
+    // Backfill: each source's current rows, as one insertion delta each
+    // (a join sees the second source's rows meet the first's state).
     {
         let mut ctx = OpCtx::new(&engine.store, &mut batch);
         pipeline.init(&mut ctx)?;
-        for b in rows {
-            if b.num_rows() > 0 {
-                pipeline.process(ChangeBatch::uniform(b, 1), &mut ctx)?;
+        for (source_id, source) in &sources {
+            let table = match engine.catalog.get(source) {
+                Some(Relation::Table(t)) => t,
+                Some(Relation::MaterializedView(m)) => m.table.clone(),
+                _ => return Err(Error::UndefinedTable(source.clone())),
+            };
+            for b in StoredTable::new(table, engine.store.clone()).read(&[], None)? {
+                if b.num_rows() > 0 {
+                    pipeline.process(*source_id, &ChangeBatch::uniform(b, 1), &mut ctx)?;
+                }
             }
         }
     }
@@ -141,7 +143,14 @@ pub async fn explain(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
         },
     )?;
     let mut lines = planned.pipeline.explain();
-    lines.push(format!("Source: {}", planned.source));
+    for (id, name) in &planned.sources {
+        let needle = format!("Source: relation {id}");
+        for l in lines.iter_mut() {
+            if l.trim_start() == needle {
+                *l = l.replace(&needle, &format!("Source: {name}"));
+            }
+        }
+    }
     let schema = Arc::new(Schema::new(vec![Field::new(
         "QUERY PLAN",
         DataType::Utf8,
