@@ -34,6 +34,9 @@ const VIEWS: &[(&str, &str)] = &[
         "j2",
         "SELECT t2.k, count(*) AS c, sum(t1.a) AS s FROM t1 JOIN t2 ON t1.id % 10 = t2.k WHERE t2.v IS NOT NULL GROUP BY t2.k",
     ),
+    ("u1", "SELECT b AS x FROM t1 WHERE a > 50 UNION ALL SELECT CAST(v AS TEXT) AS x FROM t2"),
+    ("u2", "SELECT k FROM t2 UNION SELECT id % 10 FROM t1"),
+    ("d1", "SELECT DISTINCT b, a % 2 AS parity FROM t1"),
     ("j3", "SELECT x.k, x.v AS v1, y.v AS v2 FROM t2 x JOIN t2 y ON x.k = y.k AND x.v < y.v"),
     ("j4", "SELECT m1.a2, t2.v FROM m1 JOIN t2 ON m1.id % 10 = t2.k"),
     (

@@ -283,6 +283,13 @@ pub enum Node {
         /// Its input.
         input: Box<Node>,
     },
+    /// `UNION ALL`: the deltas of all inputs, in the first input's schema.
+    Union {
+        /// Inputs (DataFusion has coerced them to one schema).
+        inputs: Vec<Node>,
+        /// Output schema.
+        schema: SchemaRef,
+    },
     /// An incremental join of two inputs.
     Join {
         /// The join.
@@ -303,6 +310,7 @@ impl Node {
                 }
             }
             Node::Unary { input, .. } => input.sources(out),
+            Node::Union { inputs, .. } => inputs.iter().for_each(|i| i.sources(out)),
             Node::Join { left, right, .. } => {
                 left.sources(out);
                 right.sources(out);
@@ -322,8 +330,25 @@ impl Node {
             Node::Source(id) => Ok((*id == source).then(|| delta.clone())),
             Node::Unary { op, input } => match input.process(source, delta, ctx)? {
                 Some(d) if !d.is_empty() => Ok(Some(op.process(d, ctx)?)),
-                other => Ok(other),
+                // An empty delta changes nothing above (and has the input's
+                // schema, not this operator's).
+                _ => Ok(None),
             },
+            Node::Union { inputs, schema } => {
+                let mut parts = Vec::new();
+                for i in inputs.iter_mut() {
+                    if let Some(d) = i.process(source, delta, ctx)? {
+                        parts.push(ChangeBatch {
+                            data: RecordBatch::try_new(schema.clone(), d.data.columns().to_vec())?,
+                            weights: d.weights,
+                        });
+                    }
+                }
+                if parts.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some(ChangeBatch::concat(schema, &parts)?))
+            }
             Node::Join { op, left, right } => {
                 let l = left.process(source, delta, ctx)?;
                 let r = right.process(source, delta, ctx)?;
@@ -350,6 +375,20 @@ impl Node {
                     (a, b) => a.or(b),
                 })
             }
+            Node::Union { inputs, schema } => {
+                let mut parts = Vec::new();
+                for i in inputs.iter_mut() {
+                    if let Some(d) = i.init(ctx)? {
+                        parts.push(ChangeBatch {
+                            data: RecordBatch::try_new(schema.clone(), d.data.columns().to_vec())?,
+                            weights: d.weights,
+                        });
+                    }
+                }
+                Ok((!parts.is_empty())
+                    .then(|| ChangeBatch::concat(schema, &parts))
+                    .transpose()?)
+            }
             Node::Join { op, left, right } => {
                 let l = left.init(ctx)?;
                 let r = right.init(ctx)?;
@@ -368,6 +407,10 @@ impl Node {
             Node::Unary { op, input } => {
                 lines.push(format!("{pad}{}", op.describe()));
                 input.explain(depth, lines);
+            }
+            Node::Union { inputs, .. } => {
+                lines.push(format!("{pad}UnionAll"));
+                inputs.iter().for_each(|i| i.explain(depth + 1, lines));
             }
             Node::Join { op, left, right } => {
                 lines.push(format!("{pad}{}", op.describe()));

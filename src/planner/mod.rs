@@ -6,12 +6,13 @@
 //! `TableScan` → source, `Filter` → [`Filter`], `Projection` →
 //! [`Project`], `Aggregate` → [`HashAggregate`] (COUNT, SUM, AVG, MIN,
 //! MAX), inner equi-`Join` → [`Join`] (with any extra condition as a
-//! filter above it), then a final [`Materialize`]. Expressions are compiled with
+//! filter above it), `Union` (ALL; `UNION` is a DISTINCT aggregate above
+//! it), then a final [`Materialize`]. Expressions are compiled with
 //! DataFusion's `create_physical_expr`, so every scalar expression
 //! DataFusion evaluates works unchanged on change batches.
 //!
-//! Anything else (outer joins, other aggregates, ORDER BY/LIMIT, windows,
-//! unions) is refused with SQLSTATE 0A000 naming the construct: a view
+//! Anything else (outer joins, other aggregates, ORDER BY/LIMIT, windows)
+//! is refused with SQLSTATE 0A000 naming the construct: a view
 //! that cannot be maintained exactly is never created.
 
 use std::sync::Arc;
@@ -156,6 +157,14 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
             ))
         }
         LogicalPlan::SubqueryAlias(a) => walk(&a.input, cx),
+        LogicalPlan::Union(u) => Ok(Node::Union {
+            inputs: u
+                .inputs
+                .iter()
+                .map(|i| walk(i, cx))
+                .collect::<Result<_>>()?,
+            schema: Arc::new(u.schema.as_arrow().clone()),
+        }),
         LogicalPlan::TableScan(scan) => {
             if scan.fetch.is_some() {
                 return Err(Error::unsupported(

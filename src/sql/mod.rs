@@ -36,7 +36,27 @@ pub fn parse(sql: &str) -> Result<Vec<Statement>> {
     thread_local! {
         static PARSER: PostgresCompatibilityParser = PostgresCompatibilityParser::new();
     }
-    PARSER.with(|p| p.parse(sql)).map_err(Error::from)
+    match PARSER.with(|p| p.parse(sql)) {
+        Ok(stmts) => Ok(stmts),
+        // sqlparser knows only MySQL's FLUSH; ours takes no arguments.
+        Err(_)
+            if sql
+                .trim()
+                .trim_end_matches(';')
+                .trim()
+                .eq_ignore_ascii_case("flush") =>
+        {
+            Ok(vec![Statement::Flush {
+                object_type: ast::FlushType::Tables,
+                location: None,
+                channel: None,
+                read_lock: false,
+                export: false,
+                tables: vec![],
+            }])
+        }
+        Err(e) => Err(Error::from(e)),
+    }
 }
 
 /// A statement ready to execute, possibly with parameters (`$1`…).
@@ -243,6 +263,15 @@ pub async fn execute(
         Statement::ShowVariable { variable } => set::show(ctx.vars, variable),
         Statement::Set(s) => set::set(ctx.vars, s),
         Statement::Reset(r) => set::reset(ctx.vars, r),
+        Statement::Flush { tables, .. } if tables.is_empty() => {
+            // Views are maintained inside each write's commit: once no write
+            // is in flight, everything written before is visible in every view.
+            drop(ctx.engine.writer().await);
+            Ok(Outcome::Command {
+                tag: "FLUSH",
+                rows: None,
+            })
+        }
         Statement::StartTransaction { .. } => Ok(Outcome::Begin),
         Statement::Commit { .. } => Ok(Outcome::Commit("COMMIT")),
         Statement::Rollback { .. } => Ok(Outcome::Rollback { wrote: false }),
