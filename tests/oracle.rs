@@ -34,6 +34,13 @@ const VIEWS: &[(&str, &str)] = &[
         "j2",
         "SELECT t2.k, count(*) AS c, sum(t1.a) AS s FROM t1 JOIN t2 ON t1.id % 10 = t2.k WHERE t2.v IS NOT NULL GROUP BY t2.k",
     ),
+    (
+        "s1",
+        "SELECT b, round(stddev(a), 6) AS sd, round(var_pop(a), 6) AS vp, round(covar_samp(a, id), 6) AS cs, \
+         round(corr(a, id), 6) AS c, round(regr_slope(a, id), 6) AS sl, round(regr_intercept(a, id), 6) AS ic, \
+         round(regr_r2(a, id), 6) AS r2, regr_count(a, id) AS rc, bool_and(a > 0) AS ba, bool_or(a > 50) AS bo \
+         FROM t1 GROUP BY b",
+    ),
     ("u1", "SELECT b AS x FROM t1 WHERE a > 50 UNION ALL SELECT CAST(v AS TEXT) AS x FROM t2"),
     ("u2", "SELECT k FROM t2 UNION SELECT id % 10 FROM t1"),
     ("d1", "SELECT DISTINCT b, a % 2 AS parity FROM t1"),

@@ -38,6 +38,67 @@ pub enum AggKind {
     Min,
     /// `MAX(x)`.
     Max,
+    /// `BOOL_AND(x)`.
+    BoolAnd,
+    /// `BOOL_OR(x)`.
+    BoolOr,
+    /// A statistic kept as sufficient statistics (n, Σa, Σb, Σa², Σb², Σab).
+    Stat(StatFn),
+}
+
+/// Statistical aggregates. Two-argument ones take (Y, X), as in SQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatFn {
+    /// `VAR_POP(x)`
+    VarPop,
+    /// `VAR_SAMP(x)` / `VARIANCE(x)`
+    VarSamp,
+    /// `STDDEV_POP(x)`
+    StddevPop,
+    /// `STDDEV_SAMP(x)` / `STDDEV(x)`
+    StddevSamp,
+    /// `COVAR_POP(y, x)`
+    CovarPop,
+    /// `COVAR_SAMP(y, x)`
+    CovarSamp,
+    /// `CORR(y, x)`
+    Corr,
+    /// `REGR_SLOPE(y, x)`
+    RegrSlope,
+    /// `REGR_INTERCEPT(y, x)`
+    RegrIntercept,
+    /// `REGR_R2(y, x)`
+    RegrR2,
+    /// `REGR_COUNT(y, x)`
+    RegrCount,
+}
+
+impl StatFn {
+    /// The statistic a DataFusion aggregate function name denotes.
+    pub fn from_name(name: &str) -> Option<StatFn> {
+        Some(match name {
+            "var_pop" | "var_population" => StatFn::VarPop,
+            "var" | "var_samp" | "var_sample" | "variance" => StatFn::VarSamp,
+            "stddev_pop" => StatFn::StddevPop,
+            "stddev" | "stddev_samp" => StatFn::StddevSamp,
+            "covar_pop" => StatFn::CovarPop,
+            "covar" | "covar_samp" => StatFn::CovarSamp,
+            "corr" => StatFn::Corr,
+            "regr_slope" => StatFn::RegrSlope,
+            "regr_intercept" => StatFn::RegrIntercept,
+            "regr_r2" => StatFn::RegrR2,
+            "regr_count" => StatFn::RegrCount,
+            _ => return None,
+        })
+    }
+
+    /// Whether it takes two arguments.
+    pub fn binary(self) -> bool {
+        !matches!(
+            self,
+            StatFn::VarPop | StatFn::VarSamp | StatFn::StddevPop | StatFn::StddevSamp
+        )
+    }
 }
 
 /// One aggregate: function, argument, result type.
@@ -49,6 +110,8 @@ pub struct AggSpec {
     pub arg: Arc<dyn PhysicalExpr>,
     /// The argument's type.
     pub arg_type: DataType,
+    /// The second argument of a two-argument statistic (X), and its type.
+    pub arg2: Option<(Arc<dyn PhysicalExpr>, DataType)>,
     /// The result type (DataFusion's).
     pub out_type: DataType,
 }
@@ -71,6 +134,11 @@ enum Acc {
     Sum(i64, i128, f64),
     /// encoded value → (value, count)
     Set(BTreeMap<Vec<u8>, (ScalarValue, i64)>),
+    /// (true inputs, false inputs)
+    Bools(i64, i64),
+    /// n and [Σa, Σb, Σa², Σb², Σab], exact in `i128` for integer inputs,
+    /// else in `f64`.
+    Stats(i64, [i128; 5], [f64; 5]),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -106,11 +174,12 @@ impl HashAggregate {
         for a in &aggs {
             let ok = match a.kind {
                 AggKind::Count | AggKind::Min | AggKind::Max => true,
-                AggKind::Sum | AggKind::Avg => {
+                AggKind::Sum | AggKind::Avg | AggKind::Stat(_) => {
                     a.arg_type.is_integer()
                         || is_float(&a.arg_type)
                         || matches!(a.arg_type, DataType::Decimal128(..))
                 }
+                AggKind::BoolAnd | AggKind::BoolOr => a.arg_type == DataType::Boolean,
             };
             if !ok {
                 return Err(Error::unsupported(format!(
@@ -139,6 +208,8 @@ impl HashAggregate {
                     AggKind::Count => Acc::Count(0),
                     AggKind::Sum | AggKind::Avg => Acc::Sum(0, 0, 0.0),
                     AggKind::Min | AggKind::Max => Acc::Set(BTreeMap::new()),
+                    AggKind::BoolAnd | AggKind::BoolOr => Acc::Bools(0, 0),
+                    AggKind::Stat(_) => Acc::Stats(0, [0; 5], [0.0; 5]),
                 })
                 .collect(),
         }
@@ -177,6 +248,38 @@ impl HashAggregate {
                         return Err(Error::Storage("corrupt sum state".into()));
                     };
                     Acc::Sum(n, i, f)
+                }
+                AggKind::BoolAnd | AggKind::BoolOr => {
+                    let t = int(decode_value(&mut buf, &SqlType::Int8)?)?;
+                    let f = int(decode_value(&mut buf, &SqlType::Int8)?)?;
+                    Acc::Bools(t, f)
+                }
+                AggKind::Stat(_) => {
+                    let n = int(decode_value(&mut buf, &SqlType::Int8)?)?;
+                    let mut i = [0i128; 5];
+                    let mut f = [0f64; 5];
+                    for x in i.iter_mut() {
+                        let ScalarValue::Decimal128(Some(v), ..) = decode_value(
+                            &mut buf,
+                            &SqlType::Numeric {
+                                precision: 38,
+                                scale: 0,
+                            },
+                        )?
+                        else {
+                            return Err(Error::Storage("corrupt statistics state".into()));
+                        };
+                        *x = v;
+                    }
+                    for x in f.iter_mut() {
+                        let ScalarValue::Float64(Some(v)) =
+                            decode_value(&mut buf, &SqlType::Float8)?
+                        else {
+                            return Err(Error::Storage("corrupt statistics state".into()));
+                        };
+                        *x = v;
+                    }
+                    Acc::Stats(n, i, f)
                 }
                 AggKind::Min | AggKind::Max => {
                     let t = t
@@ -218,6 +321,26 @@ impl HashAggregate {
                     )?;
                     encode_value(&mut v, &SqlType::Float8, &ScalarValue::Float64(Some(*f)))?;
                 }
+                Acc::Bools(t, f) => {
+                    encode_value(&mut v, &SqlType::Int8, &ScalarValue::Int64(Some(*t)))?;
+                    encode_value(&mut v, &SqlType::Int8, &ScalarValue::Int64(Some(*f)))?;
+                }
+                Acc::Stats(n, i, f) => {
+                    encode_value(&mut v, &SqlType::Int8, &ScalarValue::Int64(Some(*n)))?;
+                    for x in i {
+                        encode_value(
+                            &mut v,
+                            &SqlType::Numeric {
+                                precision: 38,
+                                scale: 0,
+                            },
+                            &ScalarValue::Decimal128(Some(*x), 38, 0),
+                        )?;
+                    }
+                    for x in f {
+                        encode_value(&mut v, &SqlType::Float8, &ScalarValue::Float64(Some(*x)))?;
+                    }
+                }
                 Acc::Set(set) => {
                     encode_value(
                         &mut v,
@@ -256,6 +379,18 @@ impl HashAggregate {
                     Some((v, _)) => v.clone(),
                     None => ScalarValue::try_from(&a.out_type)?,
                 },
+                (AggKind::BoolAnd, Acc::Bools(t, f)) => {
+                    ScalarValue::Boolean((t + f > 0).then_some(*f == 0))
+                }
+                (AggKind::BoolOr, Acc::Bools(t, f)) => {
+                    ScalarValue::Boolean((t + f > 0).then_some(*t > 0))
+                }
+                (AggKind::Stat(StatFn::RegrCount), Acc::Stats(n, ..)) => {
+                    ScalarValue::Int64(Some(*n))
+                }
+                (AggKind::Stat(fun), Acc::Stats(n, i, f)) => {
+                    ScalarValue::Float64(statistic(fun, *n, self.exact_stats(a), i, f))
+                }
                 _ => return Err(Error::Internal("aggregate state does not match".into())),
             };
             let v = if v.data_type() == a.out_type {
@@ -268,14 +403,61 @@ impl HashAggregate {
         Ok(row)
     }
 
-    fn apply(&self, s: &mut GroupState, args: &[ScalarValue], w: i64) -> Result<()> {
+    fn exact_stats(&self, a: &AggSpec) -> bool {
+        a.arg_type.is_integer() && a.arg2.as_ref().is_none_or(|(_, t)| t.is_integer())
+    }
+
+    fn apply(
+        &self,
+        s: &mut GroupState,
+        args: &[ScalarValue],
+        args2: &[Option<ScalarValue>],
+        w: i64,
+    ) -> Result<()> {
         s.rows += w;
         for (idx, (a, acc)) in self.aggs.iter().zip(&mut s.accs).enumerate() {
             let v = &args[idx];
-            if v.is_null() {
+            if v.is_null() || args2[idx].as_ref().is_some_and(|b| b.is_null()) {
                 continue;
             }
             match acc {
+                Acc::Bools(t, f) => match v {
+                    ScalarValue::Boolean(Some(true)) => *t += w,
+                    _ => *f += w,
+                },
+                Acc::Stats(n, i, f) => {
+                    *n += w;
+                    let b = args2[idx].as_ref();
+                    if self.exact_stats(a) {
+                        let x = as_i128(v)?;
+                        let y = match b {
+                            Some(b) => as_i128(b)?,
+                            None => 0,
+                        };
+                        let terms = [x, y, x * x, y * y, x * y];
+                        for (acc, t) in i.iter_mut().zip(terms) {
+                            *acc = t
+                                .checked_mul(w as i128)
+                                .and_then(|d| acc.checked_add(d))
+                                .ok_or_else(|| {
+                                    Error::data(
+                                        crate::error::DataErrorKind::NumericOutOfRange,
+                                        "statistic out of range",
+                                    )
+                                })?;
+                        }
+                    } else {
+                        let x = as_f64(v)?;
+                        let y = match b {
+                            Some(b) => as_f64(b)?,
+                            None => 0.0,
+                        };
+                        let terms = [x, y, x * x, y * y, x * y];
+                        for (acc, t) in f.iter_mut().zip(terms) {
+                            *acc += t * w as f64;
+                        }
+                    }
+                }
                 Acc::Count(c) => *c += w,
                 Acc::Sum(n, i, f) => {
                     *n += w;
@@ -322,6 +504,62 @@ impl HashAggregate {
             }
         }
         Ok(())
+    }
+}
+
+fn as_i128(v: &ScalarValue) -> Result<i128> {
+    match v.cast_to(&DataType::Int64)? {
+        ScalarValue::Int64(Some(x)) => Ok(x as i128),
+        _ => Err(Error::Internal("statistic input is not an integer".into())),
+    }
+}
+
+fn as_f64(v: &ScalarValue) -> Result<f64> {
+    match v.cast_to(&DataType::Float64)? {
+        ScalarValue::Float64(Some(x)) => Ok(x),
+        _ => Err(Error::Internal("statistic input is not a number".into())),
+    }
+}
+
+/// A statistic from sufficient statistics (a = Y, b = X). The centered
+/// sums n·Σa² − (Σa)² etc. are exact for integer inputs.
+fn statistic(fun: StatFn, n: i64, exact: bool, i: &[i128; 5], f: &[f64; 5]) -> Option<f64> {
+    if n <= 0 {
+        return None;
+    }
+    let nf = n as f64;
+    let centered = |sq: usize, x: usize, y: usize| -> f64 {
+        if exact {
+            let n = n as i128;
+            n.checked_mul(i[sq])
+                .and_then(|a| i[x].checked_mul(i[y]).and_then(|b| a.checked_sub(b)))
+                .map(|v| v as f64)
+                .unwrap_or_else(|| nf * i[sq] as f64 - i[x] as f64 * i[y] as f64)
+        } else {
+            nf * f[sq] - f[x] * f[y]
+        }
+    };
+    let sum = |k: usize| if exact { i[k] as f64 } else { f[k] };
+    let (maa, mbb, mab) = (centered(2, 0, 0), centered(3, 1, 1), centered(4, 0, 1));
+    let samp = nf * (nf - 1.0);
+    match fun {
+        StatFn::VarPop => Some(maa.max(0.0) / (nf * nf)),
+        StatFn::VarSamp => (n > 1).then(|| maa.max(0.0) / samp),
+        StatFn::StddevPop => Some((maa.max(0.0) / (nf * nf)).sqrt()),
+        StatFn::StddevSamp => (n > 1).then(|| (maa.max(0.0) / samp).sqrt()),
+        StatFn::CovarPop => Some(mab / (nf * nf)),
+        StatFn::CovarSamp => (n > 1).then(|| mab / samp),
+        StatFn::Corr => (maa > 0.0 && mbb > 0.0).then(|| mab / (maa * mbb).sqrt()),
+        StatFn::RegrSlope => (mbb != 0.0).then(|| mab / mbb),
+        StatFn::RegrIntercept => (mbb != 0.0).then(|| (sum(0) - sum(1) * mab / mbb) / nf),
+        StatFn::RegrR2 => (mbb != 0.0).then(|| {
+            if maa == 0.0 {
+                1.0
+            } else {
+                mab * mab / (maa * mbb)
+            }
+        }),
+        StatFn::RegrCount => Some(nf),
     }
 }
 
@@ -409,6 +647,14 @@ impl Operator for HashAggregate {
             .iter()
             .map(|a| Ok(a.arg.evaluate(&input.data)?.into_array(n)?))
             .collect::<Result<Vec<ArrayRef>>>()?;
+        let args2 = self
+            .aggs
+            .iter()
+            .map(|a| match &a.arg2 {
+                Some((e, _)) => Ok(Some(e.evaluate(&input.data)?.into_array(n)?)),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<Option<ArrayRef>>>>()?;
         // Group the delta's rows by encoded group key, in first-seen order.
         let mut touched: Vec<(Vec<u8>, Vec<ScalarValue>)> = Vec::new();
         let mut states: HashMap<Vec<u8>, (Option<GroupState>, GroupState)> = HashMap::new();
@@ -435,10 +681,18 @@ impl Operator for HashAggregate {
                 .iter()
                 .map(|a| ScalarValue::try_from_array(a.as_ref(), r))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
+            let row_args2 = args2
+                .iter()
+                .map(|a| {
+                    a.as_ref()
+                        .map(|a| ScalarValue::try_from_array(a.as_ref(), r))
+                        .transpose()
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?;
             let (_, cur) = states
                 .get_mut(&key)
                 .ok_or_else(|| Error::Internal("group vanished".into()))?;
-            self.apply(cur, &row_args, input.weights.value(r))?;
+            self.apply(cur, &row_args, &row_args2, input.weights.value(r))?;
         }
         let global = self.group_exprs.is_empty();
         let mut out = Vec::new();
@@ -500,6 +754,7 @@ mod tests {
             kind,
             arg: col("n", &s).unwrap(),
             arg_type: DataType::Int64,
+            arg2: None,
             out_type,
         };
         let mut fields = vec![];

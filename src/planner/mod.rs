@@ -26,7 +26,7 @@ use datafusion::physical_expr::{create_physical_expr, PhysicalExpr};
 
 use crate::catalog::types::SqlType;
 use crate::catalog::ColumnDef;
-use crate::dataflow::aggregate::{AggKind, AggSpec, HashAggregate};
+use crate::dataflow::aggregate::{AggKind, AggSpec, HashAggregate, StatFn};
 use crate::dataflow::join::{Join, JoinSide};
 use crate::dataflow::operator::{Filter, Materialize, Node, Operator, Pipeline, Project};
 use crate::error::{Error, Result};
@@ -300,6 +300,12 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
                     "avg" | "mean" => AggKind::Avg,
                     "min" => AggKind::Min,
                     "max" => AggKind::Max,
+                    "bool_and" => AggKind::BoolAnd,
+                    "bool_or" => AggKind::BoolOr,
+                    other if StatFn::from_name(other).is_some() => AggKind::Stat(
+                        StatFn::from_name(other)
+                            .ok_or_else(|| Error::Internal("statistic".into()))?,
+                    ),
                     _ => {
                         return Err(Error::unsupported(format!(
                             "aggregate function {name} is not supported in a materialized view yet"
@@ -307,17 +313,40 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
                     }
                 };
                 let p = &f.params;
-                if p.distinct || p.filter.is_some() || !p.order_by.is_empty() || p.args.len() != 1 {
+                let arity = match kind {
+                    AggKind::Stat(s) if s.binary() => 2,
+                    _ => 1,
+                };
+                if p.distinct
+                    || p.filter.is_some()
+                    || !p.order_by.is_empty()
+                    || p.args.len() != arity
+                {
                     return Err(Error::unsupported(format!(
                         "{e} (DISTINCT, FILTER, ORDER BY or several arguments) is not supported in a materialized view yet"
                     )));
                 }
                 let arg = &p.args[0];
                 let arg_type = arg.to_field(input)?.1.data_type().clone();
+                let arg2 = match p.args.get(1) {
+                    Some(b) => Some((
+                        physical(b, input)?,
+                        b.to_field(input)?.1.data_type().clone(),
+                    )),
+                    None => None,
+                };
+                if let Some((_, t)) = &arg2 {
+                    if !(t.is_integer() || is_float_or_decimal(t)) {
+                        return Err(Error::unsupported(format!(
+                            "{e} of {t} is not supported in a materialized view yet"
+                        )));
+                    }
+                }
                 aggs.push(AggSpec {
                     kind,
                     arg: physical(arg, input)?,
                     arg_type,
+                    arg2,
                     out_type: out.field(agg.group_expr.len() + i).data_type().clone(),
                 });
             }
@@ -332,6 +361,11 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
             node_name(other)
         ))),
     }
+}
+
+fn is_float_or_decimal(t: &datafusion::arrow::datatypes::DataType) -> bool {
+    use datafusion::arrow::datatypes::DataType as D;
+    matches!(t, D::Float16 | D::Float32 | D::Float64 | D::Decimal128(..))
 }
 
 fn strip_alias(e: &Expr) -> &Expr {
