@@ -41,6 +41,9 @@ const VIEWS: &[(&str, &str)] = &[
          round(regr_r2(a, id), 6) AS r2, regr_count(a, id) AS rc, bool_and(a > 0) AS ba, bool_or(a > 50) AS bo \
          FROM t1 GROUP BY b",
     ),
+    ("tn1", "SELECT id, a FROM t1 ORDER BY a DESC, id LIMIT 3"),
+    ("tn2", "SELECT b, a FROM t1 ORDER BY b NULLS FIRST, a, id LIMIT 4 OFFSET 2"),
+    ("tn3", "SELECT k, v FROM t2 ORDER BY v, k LIMIT 2"),
     ("u1", "SELECT b AS x FROM t1 WHERE a > 50 UNION ALL SELECT CAST(v AS TEXT) AS x FROM t2"),
     ("u2", "SELECT k FROM t2 UNION SELECT id % 10 FROM t1"),
     ("d1", "SELECT DISTINCT b, a % 2 AS parity FROM t1"),

@@ -18,6 +18,7 @@
 pub mod aggregate;
 pub mod join;
 pub mod operator;
+pub mod topn;
 
 use datafusion::arrow::array::{Int64Array, RecordBatch};
 use datafusion::arrow::compute::concat_batches;

@@ -68,6 +68,30 @@ impl<'a> OpCtx<'a> {
         Ok(found.into_iter().collect())
     }
 
+    /// The first `n` key/values under `prefix` as this commit will leave
+    /// them. Reads only as far into the store as needed: at most `n` plus
+    /// the number of keys this commit staged under the prefix.
+    pub fn scan_prefix_first(&self, prefix: &[u8], n: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let staged: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = self
+            .staged
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .collect();
+        let budget = n + staged.len();
+        let mut found: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        self.store.scan_prefix(prefix, |k, v| {
+            found.insert(k.to_vec(), v.to_vec());
+            Ok(found.len() < budget)
+        })?;
+        for (k, v) in staged {
+            match v {
+                Some(v) => found.insert(k.clone(), v.clone()),
+                None => found.remove(k),
+            };
+        }
+        Ok(found.into_iter().take(n).collect())
+    }
+
     /// Stages a put.
     pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.batch.put(&key, &value);

@@ -7,12 +7,12 @@
 //! [`Project`], `Aggregate` → [`HashAggregate`] (COUNT, SUM, AVG, MIN,
 //! MAX), inner equi-`Join` → [`Join`] (with any extra condition as a
 //! filter above it), `Union` (ALL; `UNION` is a DISTINCT aggregate above
-//! it), then a final [`Materialize`]. Expressions are compiled with
+//! it), `ORDER BY … LIMIT` → [`TopN`], then a final [`Materialize`]. Expressions are compiled with
 //! DataFusion's `create_physical_expr`, so every scalar expression
 //! DataFusion evaluates works unchanged on change batches.
 //!
-//! Anything else (outer joins, other aggregates, ORDER BY/LIMIT, windows)
-//! is refused with SQLSTATE 0A000 naming the construct: a view
+//! Anything else (outer joins, other aggregates, window functions) is
+//! refused with SQLSTATE 0A000 naming the construct: a view
 //! that cannot be maintained exactly is never created.
 
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::common::DFSchema;
 use datafusion::common::NullEquality;
 use datafusion::execution::context::ExecutionProps;
-use datafusion::logical_expr::{Expr, ExprSchemable, JoinType, LogicalPlan};
+use datafusion::logical_expr::{Expr, ExprSchemable, FetchType, JoinType, LogicalPlan, SkipType};
 use datafusion::physical_expr::{create_physical_expr, PhysicalExpr};
 
 use crate::catalog::types::SqlType;
@@ -29,6 +29,7 @@ use crate::catalog::ColumnDef;
 use crate::dataflow::aggregate::{AggKind, AggSpec, HashAggregate, StatFn};
 use crate::dataflow::join::{Join, JoinSide};
 use crate::dataflow::operator::{Filter, Materialize, Node, Operator, Pipeline, Project};
+use crate::dataflow::topn::{SortKey, TopN};
 use crate::error::{Error, Result};
 
 /// A planned materialized view.
@@ -157,6 +158,40 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
             ))
         }
         LogicalPlan::SubqueryAlias(a) => walk(&a.input, cx),
+        LogicalPlan::Limit(limit) => {
+            let (skip, fetch) = match (limit.get_skip_type()?, limit.get_fetch_type()?) {
+                (SkipType::Literal(s), FetchType::Literal(f)) => (s, f),
+                _ => {
+                    return Err(Error::unsupported(
+                        "LIMIT/OFFSET must be constants in a materialized view",
+                    ))
+                }
+            };
+            let LogicalPlan::Sort(sort) = limit.input.as_ref() else {
+                return Err(Error::unsupported(
+                    "LIMIT without ORDER BY is not deterministic and not supported in a materialized view",
+                ));
+            };
+            // The optimizer may have pushed the limit into the sort too.
+            let fetch = match (fetch, sort.fetch) {
+                (Some(f), Some(sf)) => Some(f.min(sf.saturating_sub(skip))),
+                (f, None) => f,
+                (None, Some(sf)) => Some(sf.saturating_sub(skip)),
+            };
+            let Some(fetch) = fetch else {
+                return Err(Error::unsupported(
+                    "OFFSET without LIMIT is not supported in a materialized view yet",
+                ));
+            };
+            top_n(sort, skip, fetch, cx)
+        }
+        LogicalPlan::Sort(sort) if sort.fetch.is_some() => {
+            let fetch = sort.fetch.unwrap_or_default();
+            top_n(sort, 0, fetch, cx)
+        }
+        // ORDER BY alone does not change which rows a view holds (a view,
+        // like a table, has no order: ORDER BY when you SELECT from it).
+        LogicalPlan::Sort(sort) if sort.fetch.is_none() => walk(&sort.input, cx),
         LogicalPlan::Union(u) => Ok(Node::Union {
             inputs: u
                 .inputs
@@ -361,6 +396,41 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
             node_name(other)
         ))),
     }
+}
+
+/// `ORDER BY … LIMIT fetch OFFSET skip` over `sort`'s input.
+fn top_n(
+    sort: &datafusion::logical_expr::Sort,
+    skip: usize,
+    fetch: usize,
+    cx: &mut Walk<'_>,
+) -> Result<Node> {
+    let input = walk(&sort.input, cx)?;
+    let in_schema = sort.input.schema();
+    let keys = sort
+        .expr
+        .iter()
+        .map(|k| {
+            Ok(SortKey {
+                expr: physical(&k.expr, in_schema)?,
+                ty: SqlType::from_arrow(k.expr.to_field(in_schema)?.1.data_type())?,
+                asc: k.asc,
+                nulls_first: k.nulls_first,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let state_id = (cx.state_ids)()?;
+    Ok(unary(
+        TopN::new(
+            state_id,
+            keys,
+            sql_types(in_schema)?,
+            skip,
+            fetch,
+            Arc::new(in_schema.as_arrow().clone()),
+        ),
+        input,
+    ))
 }
 
 fn is_float_or_decimal(t: &datafusion::arrow::datatypes::DataType) -> bool {
