@@ -186,6 +186,9 @@ async fn extended_protocol_describe_portals_and_errors() {
     assert_eq!(second[2].get::<_, i32>(0), 10);
     tx.commit().await.unwrap();
 
+    // A parameter only cast has the cast's type, as in PostgreSQL.
+    let st = c.prepare("SELECT $1::int + 1").await.unwrap();
+    assert_eq!(st.params(), &[Type::INT4]);
     // Untyped parameters are inferred; errors keep the connection usable.
     let e = c.query("SELECT 1 / $1", &[&0i64]).await.unwrap_err();
     assert!(err_text(&e).starts_with("22012"), "{}", err_text(&e));

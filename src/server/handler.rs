@@ -341,10 +341,29 @@ pub struct Parser {
 }
 
 /// Parameter types inferred by DataFusion, in `$1, $2, …` order.
+/// A parameter DataFusion could not type from context takes the type it
+/// is cast to (`$1::int`), as in PostgreSQL.
 fn parameter_types(plan: &LogicalPlan) -> Vec<Option<DataType>> {
-    let Ok(types) = plan.get_parameter_types() else {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::Expr;
+    let Ok(mut types) = plan.get_parameter_types() else {
         return vec![];
     };
+    let _ = plan.apply_with_subqueries(|node| {
+        for e in node.expressions() {
+            let _ = e.apply(|e| {
+                if let Expr::Cast(c) = e {
+                    if let Expr::Placeholder(p) = c.expr.as_ref() {
+                        if let Some(slot @ None) = types.get_mut(&p.id) {
+                            *slot = Some(c.field.data_type().clone());
+                        }
+                    }
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
     let mut entries: Vec<(u32, Option<DataType>)> = types
         .into_iter()
         .filter_map(|(k, v)| {
