@@ -158,7 +158,7 @@ fn main() {
         report("`SELECT 1` (baseline: protocol + planning)", &h, n, e);
         let (h, n, e) = load(port, clients, secs, "SELECT v, n FROM kv WHERE id = $1", rows as i64).await;
         report("`SELECT v, n FROM kv WHERE id = $1` (primary key)", &h, n, e);
-        let (h, n, e) = load(port, clients, secs.min(5), "SELECT v FROM kv WHERE n = $1::int", 1000).await;
+        let (h, n, e) = load(port, clients, secs.min(5), "SELECT v FROM kv WHERE n = $1::bigint", 1000).await;
         report("`SELECT v FROM kv WHERE n = $1` (no key: full scan)", &h, n, e);
     });
     drop(server);
