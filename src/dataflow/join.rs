@@ -21,7 +21,7 @@ use datafusion::physical_expr::PhysicalExpr;
 use super::operator::OpCtx;
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::state::encoding::{decode_row, encode_row, encode_value, split_counted, table_prefix};
 
 /// One side of a join.
@@ -152,22 +152,7 @@ impl Join {
             let mut encoded = Vec::new();
             encode_row(&mut encoded, &row_types, &columns, r)?;
             state_key.extend_from_slice(&encoded);
-            let old = match ctx.get(&state_key)? {
-                Some(v) => split_counted(&v)?.1,
-                None => 0,
-            };
-            let new = old + w;
-            if new < 0 {
-                return Err(Error::Internal(
-                    "join state would hold a row a negative number of times".into(),
-                ));
-            }
-            if new == 0 {
-                ctx.delete(state_key);
-            } else {
-                encoded.extend_from_slice(&(new as u64).to_be_bytes());
-                ctx.put(state_key, encoded);
-            }
+            ctx.add_count(state_key, encoded, w)?;
         }
         Ok(())
     }

@@ -92,6 +92,29 @@ impl<'a> OpCtx<'a> {
         Ok(found.into_iter().take(n).collect())
     }
 
+    /// Adds `w` to the multiplicity of the counted row `encoded` stored at
+    /// `key` (see [`split_counted`]), deleting it when the count reaches
+    /// zero. A negative count is a bug upstream and reported as one.
+    pub fn add_count(&mut self, key: Vec<u8>, mut encoded: Vec<u8>, w: i64) -> Result<()> {
+        let old = match self.get(&key)? {
+            Some(v) => split_counted(&v)?.1,
+            None => 0,
+        };
+        let new = old + w;
+        if new < 0 {
+            return Err(Error::Internal(format!(
+                "operator state would hold a row {new} times"
+            )));
+        }
+        if new == 0 {
+            self.delete(key);
+        } else {
+            encoded.extend_from_slice(&(new as u64).to_be_bytes());
+            self.put(key, encoded);
+        }
+        Ok(())
+    }
+
     /// Stages a put.
     pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.batch.put(&key, &value);
@@ -273,23 +296,7 @@ impl Operator for Materialize {
             encode_row(&mut row, &types, &arrays, r)?;
             let mut key = table_prefix(self.id).to_vec();
             key.extend_from_slice(&row);
-            let old = match ctx.get(&key)? {
-                Some(v) => split_counted(&v)?.1,
-                None => 0,
-            };
-            let new = old + delta.weights.value(r);
-            if new < 0 {
-                return Err(Error::Internal(format!(
-                    "materialized view {} would hold a row {} times",
-                    self.id, new
-                )));
-            }
-            if new == 0 {
-                ctx.delete(key);
-            } else {
-                row.extend_from_slice(&(new as u64).to_be_bytes());
-                ctx.put(key, row);
-            }
+            ctx.add_count(key, row, delta.weights.value(r))?;
         }
         Ok(delta)
     }

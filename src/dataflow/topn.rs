@@ -18,7 +18,7 @@ use datafusion::physical_expr::PhysicalExpr;
 use super::operator::{OpCtx, Operator};
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::state::encoding::{decode_row, encode_row, encode_value, split_counted, table_prefix};
 
 /// One ORDER BY term.
@@ -149,22 +149,7 @@ impl Operator for TopN {
             let mut row = Vec::new();
             encode_row(&mut row, &row_types, &columns, r)?;
             key.extend_from_slice(&row);
-            let old = match ctx.get(&key)? {
-                Some(v) => split_counted(&v)?.1,
-                None => 0,
-            };
-            let new = old + input.weights.value(r);
-            if new < 0 {
-                return Err(Error::Internal(
-                    "top-n state would hold a row a negative number of times".into(),
-                ));
-            }
-            if new == 0 {
-                ctx.delete(key);
-            } else {
-                row.extend_from_slice(&(new as u64).to_be_bytes());
-                ctx.put(key, row);
-            }
+            ctx.add_count(key, row, input.weights.value(r))?;
         }
         let after = self.window(ctx)?;
         let mut diff: Vec<(Vec<ScalarValue>, i64)> =
