@@ -44,6 +44,14 @@ const VIEWS: &[(&str, &str)] = &[
     ("tn1", "SELECT id, a FROM t1 ORDER BY a DESC, id LIMIT 3"),
     ("tn2", "SELECT b, a FROM t1 ORDER BY b NULLS FIRST, a, id LIMIT 4 OFFSET 2"),
     ("tn3", "SELECT k, v FROM t2 ORDER BY v, k LIMIT 2"),
+    (
+        "rn1",
+        "SELECT id, b, a, rn FROM (SELECT id, b, a, ROW_NUMBER() OVER (PARTITION BY b ORDER BY a DESC, id) AS rn FROM t1) s WHERE rn <= 2",
+    ),
+    (
+        "rn2",
+        "SELECT k, v FROM (SELECT k, v, ROW_NUMBER() OVER (PARTITION BY k ORDER BY v NULLS LAST) AS rn FROM t2) s WHERE rn = 1",
+    ),
     ("u1", "SELECT b AS x FROM t1 WHERE a > 50 UNION ALL SELECT CAST(v AS TEXT) AS x FROM t2"),
     ("u2", "SELECT k FROM t2 UNION SELECT id % 10 FROM t1"),
     ("d1", "SELECT DISTINCT b, a % 2 AS parity FROM t1"),

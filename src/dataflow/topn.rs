@@ -1,12 +1,17 @@
-//! Incremental top-N: `ORDER BY … LIMIT n [OFFSET m]`.
+//! Incremental top-N, `ORDER BY … LIMIT n [OFFSET m]`, and
+//! `ROW_NUMBER() OVER (PARTITION BY … ORDER BY …)` (hence per-group top-N
+//! and dedup: `WHERE rn <= n` is a filter above it).
 //!
-//! Every input row is kept in RocksDB under `state id · sort key · row`
-//! with its multiplicity. The sort key is memcomparable and honours the
+//! Every input row is kept in RocksDB under `state id · partition key ·
+//! sort key · row` with its multiplicity. The sort key is memcomparable and honours the
 //! direction and NULL placement of each ORDER BY term (a NULL-order byte,
 //! then the value's encoding, bit-inverted for DESC), so the first rows of
-//! the state's key range are the result. For a delta the operator reads the
-//! window (offset + limit rows) before and after applying it and emits the
-//! difference.
+//! a partition's key range are the result. For each partition a delta
+//! touches, the operator reads the window (offset + limit rows, or for
+//! ROW_NUMBER the whole partition with each row's number) before and after
+//! applying it and emits the difference. ROW_NUMBER re-reads the touched
+//! partition: O(partition) per change, exact; recognising `rn <= n` to
+//! bound it is a later optimisation.
 
 use std::sync::Arc;
 
@@ -34,49 +39,75 @@ pub struct SortKey {
     pub nulls_first: bool,
 }
 
-/// The top-N operator.
+/// What the operator outputs of each ordered partition.
+#[derive(Debug, Clone, Copy)]
+pub enum TopNMode {
+    /// Rows `offset .. offset + limit`.
+    Limit {
+        /// Rows skipped.
+        offset: usize,
+        /// Rows kept.
+        limit: usize,
+    },
+    /// Every row, with its 1-based position appended (`ROW_NUMBER()`).
+    RowNumber,
+}
+
+/// The top-N / row-number operator.
 #[derive(Debug)]
 pub struct TopN {
     state_id: u32,
+    partition: Vec<(Arc<dyn PhysicalExpr>, SqlType)>,
     keys: Vec<SortKey>,
     row_types: Vec<SqlType>,
-    offset: usize,
-    limit: usize,
+    mode: TopNMode,
     schema: SchemaRef,
 }
 
 impl TopN {
-    /// Rows `offset .. offset + limit` of the input ordered by `keys`.
+    /// Input rows ordered by `keys` within each `partition`, output per
+    /// `mode`, producing `schema`.
     pub fn new(
         state_id: u32,
+        partition: Vec<(Arc<dyn PhysicalExpr>, SqlType)>,
         keys: Vec<SortKey>,
         row_types: Vec<SqlType>,
-        offset: usize,
-        limit: usize,
+        mode: TopNMode,
         schema: SchemaRef,
     ) -> Self {
         TopN {
             state_id,
+            partition,
             keys,
             row_types,
-            offset,
-            limit,
+            mode,
             schema,
         }
     }
 
-    /// The current window: (row, count) in order, `offset` rows skipped.
-    fn window(&self, ctx: &OpCtx<'_>) -> Result<Vec<(Vec<ScalarValue>, i64)>> {
-        let want = self.offset + self.limit;
-        let entries = ctx.scan_prefix_first(&table_prefix(self.state_id), want)?;
+    /// The current output of the partition whose key prefix is `prefix`.
+    fn window(&self, ctx: &OpCtx<'_>, prefix: &[u8]) -> Result<Vec<(Vec<ScalarValue>, i64)>> {
+        let (offset, want, numbered) = match self.mode {
+            TopNMode::Limit { offset, limit } => (offset, offset + limit, false),
+            TopNMode::RowNumber => (0, usize::MAX, true),
+        };
+        let entries = if numbered {
+            ctx.scan_prefix(prefix)?
+        } else {
+            ctx.scan_prefix_first(prefix, want)?
+        };
         let mut out = Vec::new();
         let mut seen = 0usize;
         for (_, v) in entries {
             let (encoded, count) = split_counted(&v)?;
             let row = decode_row(encoded, &self.row_types)?;
             for _ in 0..count {
-                if seen >= self.offset && seen < want {
-                    out.push((row.clone(), 1));
+                if seen >= offset && seen < want {
+                    let mut r = row.clone();
+                    if numbered {
+                        r.push(ScalarValue::UInt64(Some(seen as u64 + 1)));
+                    }
+                    out.push((r, 1));
                 }
                 seen += 1;
             }
@@ -106,18 +137,52 @@ impl Operator for TopN {
                 )
             })
             .collect();
+        let parts: Vec<String> = self.partition.iter().map(|(e, _)| e.to_string()).collect();
+        let mode = match self.mode {
+            TopNMode::Limit { offset, limit } => format!("offset={offset} limit={limit}"),
+            TopNMode::RowNumber => "row_number".to_string(),
+        };
         format!(
-            "TopN: state={} order=[{}] offset={} limit={}",
+            "TopN: state={} partition=[{}] order=[{}] {mode}",
             self.state_id,
+            parts.join(", "),
             keys.join(", "),
-            self.offset,
-            self.limit
         )
     }
 
     fn process(&mut self, input: ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<ChangeBatch> {
-        let before = self.window(ctx)?;
         let n = input.len();
+        let part_arrays = self
+            .partition
+            .iter()
+            .map(|(e, _)| Ok(e.evaluate(&input.data)?.into_array(n)?))
+            .collect::<Result<Vec<ArrayRef>>>()?;
+        // Partition prefix of every row, and each touched partition's
+        // output before the delta.
+        let mut prefixes = Vec::with_capacity(n);
+        let mut touched: Vec<Vec<u8>> = Vec::new();
+        let mut diff: Vec<(Vec<ScalarValue>, i64)> = Vec::new();
+        for r in 0..n {
+            let mut prefix = table_prefix(self.state_id).to_vec();
+            for ((_, t), a) in self.partition.iter().zip(&part_arrays) {
+                let v = ScalarValue::try_from_array(a.as_ref(), r)?;
+                let v = if v.data_type() == t.arrow_type() {
+                    v
+                } else {
+                    v.cast_to(&t.arrow_type())?
+                };
+                encode_value(&mut prefix, t, &v)?;
+            }
+            if !touched.contains(&prefix) {
+                diff.extend(
+                    self.window(ctx, &prefix)?
+                        .into_iter()
+                        .map(|(row, _)| (row, -1)),
+                );
+                touched.push(prefix.clone());
+            }
+            prefixes.push(prefix);
+        }
         let key_arrays = self
             .keys
             .iter()
@@ -125,8 +190,8 @@ impl Operator for TopN {
             .collect::<Result<Vec<ArrayRef>>>()?;
         let row_types: Vec<&SqlType> = self.row_types.iter().collect();
         let columns: Vec<&ArrayRef> = input.data.columns().iter().collect();
-        for r in 0..n {
-            let mut key = table_prefix(self.state_id).to_vec();
+        for (r, prefix) in prefixes.into_iter().enumerate() {
+            let mut key = prefix;
             for (k, a) in self.keys.iter().zip(&key_arrays) {
                 let v = ScalarValue::try_from_array(a.as_ref(), r)?;
                 if v.is_null() {
@@ -151,10 +216,9 @@ impl Operator for TopN {
             key.extend_from_slice(&row);
             ctx.add_count(key, row, input.weights.value(r))?;
         }
-        let after = self.window(ctx)?;
-        let mut diff: Vec<(Vec<ScalarValue>, i64)> =
-            before.into_iter().map(|(r, _)| (r, -1)).collect();
-        diff.extend(after);
+        for prefix in &touched {
+            diff.extend(self.window(ctx, prefix)?);
+        }
         ChangeBatch::from_rows(&self.schema, diff)?.consolidate()
     }
 }

@@ -7,11 +7,12 @@
 //! [`Project`], `Aggregate` → [`HashAggregate`] (COUNT, SUM, AVG, MIN,
 //! MAX), inner equi-`Join` → [`Join`] (with any extra condition as a
 //! filter above it), `Union` (ALL; `UNION` is a DISTINCT aggregate above
-//! it), `ORDER BY … LIMIT` → [`TopN`], then a final [`Materialize`]. Expressions are compiled with
+//! it), `ORDER BY … LIMIT` and `ROW_NUMBER() OVER (…)` → [`TopN`], then a
+//! final [`Materialize`]. Expressions are compiled with
 //! DataFusion's `create_physical_expr`, so every scalar expression
 //! DataFusion evaluates works unchanged on change batches.
 //!
-//! Anything else (outer joins, other aggregates, window functions) is
+//! Anything else (outer joins, other aggregates, other window functions) is
 //! refused with SQLSTATE 0A000 naming the construct: a view
 //! that cannot be maintained exactly is never created.
 
@@ -29,7 +30,7 @@ use crate::catalog::ColumnDef;
 use crate::dataflow::aggregate::{AggKind, AggSpec, HashAggregate, StatFn};
 use crate::dataflow::join::{Join, JoinSide};
 use crate::dataflow::operator::{Filter, Materialize, Node, Operator, Pipeline, Project};
-use crate::dataflow::topn::{SortKey, TopN};
+use crate::dataflow::topn::{SortKey, TopN, TopNMode};
 use crate::error::{Error, Result};
 
 /// A planned materialized view.
@@ -158,6 +159,7 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
             ))
         }
         LogicalPlan::SubqueryAlias(a) => walk(&a.input, cx),
+        LogicalPlan::Window(w) => row_number(w, cx),
         LogicalPlan::Limit(limit) => {
             let (skip, fetch) = match (limit.get_skip_type()?, limit.get_fetch_type()?) {
                 (SkipType::Literal(s), FetchType::Literal(f)) => (s, f),
@@ -407,27 +409,93 @@ fn top_n(
 ) -> Result<Node> {
     let input = walk(&sort.input, cx)?;
     let in_schema = sort.input.schema();
-    let keys = sort
-        .expr
-        .iter()
-        .map(|k| {
-            Ok(SortKey {
-                expr: physical(&k.expr, in_schema)?,
-                ty: SqlType::from_arrow(k.expr.to_field(in_schema)?.1.data_type())?,
-                asc: k.asc,
-                nulls_first: k.nulls_first,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let keys = sort_keys(&sort.expr, in_schema)?;
     let state_id = (cx.state_ids)()?;
     Ok(unary(
         TopN::new(
             state_id,
+            vec![],
             keys,
             sql_types(in_schema)?,
-            skip,
-            fetch,
+            TopNMode::Limit {
+                offset: skip,
+                limit: fetch,
+            },
             Arc::new(in_schema.as_arrow().clone()),
+        ),
+        input,
+    ))
+}
+
+fn sort_keys(
+    sort: &[datafusion::logical_expr::SortExpr],
+    schema: &DFSchema,
+) -> Result<Vec<SortKey>> {
+    sort.iter()
+        .map(|k| {
+            Ok(SortKey {
+                expr: physical(&k.expr, schema)?,
+                ty: SqlType::from_arrow(k.expr.to_field(schema)?.1.data_type())?,
+                asc: k.asc,
+                nulls_first: k.nulls_first,
+            })
+        })
+        .collect()
+}
+
+/// `ROW_NUMBER() OVER (PARTITION BY … ORDER BY …)`: the only window
+/// function maintained so far.
+fn row_number(w: &datafusion::logical_expr::Window, cx: &mut Walk<'_>) -> Result<Node> {
+    use datafusion::logical_expr::expr::{WindowFunction, WindowFunctionParams};
+    let [e] = w.window_expr.as_slice() else {
+        return Err(Error::unsupported(
+            "several window functions in one materialized view are not supported yet",
+        ));
+    };
+    let Expr::WindowFunction(wf) = strip_alias(e) else {
+        return Err(Error::unsupported(format!(
+            "window expression {e} is not supported"
+        )));
+    };
+    let WindowFunction {
+        fun,
+        params:
+            WindowFunctionParams {
+                args,
+                partition_by,
+                order_by,
+                filter,
+                ..
+            },
+        ..
+    } = wf.as_ref();
+    if fun.name().to_ascii_lowercase() != "row_number" || !args.is_empty() || filter.is_some() {
+        return Err(Error::unsupported(format!(
+            "window function {} is not supported in a materialized view yet; only ROW_NUMBER()",
+            fun.name()
+        )));
+    }
+    let input = walk(&w.input, cx)?;
+    let in_schema = w.input.schema();
+    let partition = partition_by
+        .iter()
+        .map(|p| {
+            Ok((
+                physical(p, in_schema)?,
+                SqlType::from_arrow(p.to_field(in_schema)?.1.data_type())?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let keys = sort_keys(order_by, in_schema)?;
+    let state_id = (cx.state_ids)()?;
+    Ok(unary(
+        TopN::new(
+            state_id,
+            partition,
+            keys,
+            sql_types(in_schema)?,
+            TopNMode::RowNumber,
+            Arc::new(w.schema.as_arrow().clone()),
         ),
         input,
     ))
