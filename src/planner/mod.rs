@@ -469,7 +469,7 @@ fn row_number(w: &datafusion::logical_expr::Window, cx: &mut Walk<'_>) -> Result
             },
         ..
     } = wf.as_ref();
-    if fun.name().to_ascii_lowercase() != "row_number" || !args.is_empty() || filter.is_some() {
+    if !fun.name().eq_ignore_ascii_case("row_number") || !args.is_empty() || filter.is_some() {
         return Err(Error::unsupported(format!(
             "window function {} is not supported in a materialized view yet; only ROW_NUMBER()",
             fun.name()
