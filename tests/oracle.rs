@@ -52,6 +52,13 @@ const VIEWS: &[(&str, &str)] = &[
         "rn2",
         "SELECT k, v FROM (SELECT k, v, ROW_NUMBER() OVER (PARTITION BY k ORDER BY v NULLS LAST) AS rn FROM t2) s WHERE rn = 1",
     ),
+    ("oj1", "SELECT t1.id, t1.b, t2.v FROM t1 LEFT JOIN t2 ON t1.id % 10 = t2.k"),
+    ("oj2", "SELECT t2.k, t2.v, t1.id FROM t1 RIGHT JOIN t2 ON t1.id % 10 = t2.k"),
+    ("oj3", "SELECT t1.id, t2.k, t2.v FROM t1 FULL JOIN t2 ON t1.a = t2.v"),
+    (
+        "oj4",
+        "SELECT t1.b, count(t2.v) AS c, count(*) AS n FROM t1 LEFT JOIN t2 ON t1.id % 10 = t2.k GROUP BY t1.b",
+    ),
     ("u1", "SELECT b AS x FROM t1 WHERE a > 50 UNION ALL SELECT CAST(v AS TEXT) AS x FROM t2"),
     ("u2", "SELECT k FROM t2 UNION SELECT id % 10 FROM t1"),
     ("d1", "SELECT DISTINCT b, a % 2 AS parity FROM t1"),

@@ -1,4 +1,4 @@
-//! Incremental inner equi-join.
+//! Incremental equi-join: INNER, LEFT, RIGHT and FULL.
 //!
 //! Each side's rows are kept in RocksDB, keyed by `state id · join key ·
 //! row` with the row's multiplicity, so the rows matching a key are one
@@ -9,7 +9,12 @@
 //!
 //! (the left delta is joined with the right side's old state and applied
 //! to the left state; then the right delta is joined with the new left
-//! state). Rows with a NULL join key never match, as in SQL.
+//! state). Rows with a NULL join key never match, as in SQL. For outer
+//! joins, a row without matches is emitted NULL-extended; when a key gains
+//! its first (or loses its last) row on one side, the other side's rows
+//! with that key swap their NULL-extended version for the joined ones (or
+//! back). Deltas are applied one row at a time against the current state of
+//! both sides, which is exact for any sequence of changes.
 
 use std::sync::Arc;
 
@@ -37,12 +42,14 @@ pub struct JoinSide {
     pub row_types: Vec<SqlType>,
 }
 
-/// An inner equi-join of two inputs.
+/// An equi-join of two inputs: inner, or outer on either or both sides.
 #[derive(Debug)]
 pub struct Join {
     left: JoinSide,
     right: JoinSide,
     schema: SchemaRef,
+    left_outer: bool,
+    right_outer: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -58,7 +65,17 @@ impl Join {
             left,
             right,
             schema,
+            left_outer: false,
+            right_outer: false,
         }
+    }
+
+    /// Keeps unmatched left rows (LEFT/FULL JOIN) and/or unmatched right
+    /// rows (RIGHT/FULL JOIN), NULL-extended.
+    pub fn with_outer(mut self, left: bool, right: bool) -> Self {
+        self.left_outer = left;
+        self.right_outer = right;
+        self
     }
 
     /// One line for EXPLAIN.
@@ -70,8 +87,14 @@ impl Join {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let kind = match (self.left_outer, self.right_outer) {
+            (false, false) => "InnerJoin",
+            (true, false) => "LeftJoin",
+            (false, true) => "RightJoin",
+            (true, true) => "FullJoin",
+        };
         format!(
-            "InnerJoin: on=[({}) = ({})] state=({}, {})",
+            "{kind}: on=[({}) = ({})] state=({}, {})",
             keys(&self.left),
             keys(&self.right),
             self.left.state_id,
@@ -103,10 +126,23 @@ impl Join {
         ctx: &mut OpCtx<'_>,
         out: &mut Vec<(Vec<ScalarValue>, i64)>,
     ) -> Result<()> {
-        let (me, other) = match side {
-            Side::Left => (&self.left, &self.right),
-            Side::Right => (&self.right, &self.left),
+        let (me, other, me_outer, other_outer) = match side {
+            Side::Left => (&self.left, &self.right, self.left_outer, self.right_outer),
+            Side::Right => (&self.right, &self.left, self.right_outer, self.left_outer),
         };
+        let glue = |mine: &[ScalarValue], theirs: &[ScalarValue]| -> Vec<ScalarValue> {
+            match side {
+                Side::Left => mine.iter().chain(theirs).cloned().collect(),
+                Side::Right => theirs.iter().chain(mine).cloned().collect(),
+            }
+        };
+        let nulls = |types: &[SqlType]| -> Result<Vec<ScalarValue>> {
+            types
+                .iter()
+                .map(|t| Ok(ScalarValue::try_from(&t.arrow_type())?))
+                .collect()
+        };
+        let (me_nulls, other_nulls) = (nulls(&me.row_types)?, nulls(&other.row_types)?);
         let n = delta.len();
         let keys = me
             .keys
@@ -115,13 +151,19 @@ impl Join {
             .collect::<Result<Vec<ArrayRef>>>()?;
         let row_types: Vec<&SqlType> = me.row_types.iter().collect();
         let columns: Vec<&ArrayRef> = delta.data.columns().iter().collect();
-        'rows: for r in 0..n {
+        for r in 0..n {
             let w = delta.weights.value(r);
+            let row: Vec<ScalarValue> = columns
+                .iter()
+                .map(|c| ScalarValue::try_from_array(c.as_ref(), r))
+                .collect::<std::result::Result<_, _>>()?;
             let mut key = Vec::new();
+            let mut null_key = false;
             for (k, t) in keys.iter().zip(&me.key_types) {
                 let v = ScalarValue::try_from_array(k.as_ref(), r)?;
                 if v.is_null() {
-                    continue 'rows;
+                    null_key = true;
+                    break;
                 }
                 let v = if v.data_type() == t.arrow_type() {
                     v
@@ -130,27 +172,53 @@ impl Join {
                 };
                 encode_value(&mut key, t, &v)?;
             }
-            let row: Vec<ScalarValue> = columns
-                .iter()
-                .map(|c| ScalarValue::try_from_array(c.as_ref(), r))
-                .collect::<std::result::Result<_, _>>()?;
+            if null_key {
+                // Never matches; an outer side keeps it, NULL-extended.
+                if me_outer {
+                    out.push((glue(&row, &other_nulls), w));
+                }
+                continue;
+            }
             // Matches on the other side.
             let mut prefix = table_prefix(other.state_id).to_vec();
             prefix.extend_from_slice(&key);
+            let mut matches = Vec::new();
             for (_, v) in ctx.scan_prefix(&prefix)? {
                 let (encoded, count) = split_counted(&v)?;
-                let other_row = decode_row(encoded, &other.row_types)?;
-                let joined = match side {
-                    Side::Left => row.iter().cloned().chain(other_row).collect(),
-                    Side::Right => other_row.into_iter().chain(row.iter().cloned()).collect(),
+                matches.push((decode_row(encoded, &other.row_types)?, count));
+            }
+            for (o, c) in &matches {
+                out.push((glue(&row, o), w * c));
+            }
+            if matches.is_empty() && me_outer {
+                out.push((glue(&row, &other_nulls), w));
+            }
+            let mut my_prefix = table_prefix(me.state_id).to_vec();
+            my_prefix.extend_from_slice(&key);
+            if other_outer && !matches.is_empty() {
+                // The other side's rows lose (or regain) their NULL
+                // extension when this key gains its first (or loses its
+                // last) row on this side.
+                let mut before = 0i64;
+                for (_, v) in ctx.scan_prefix(&my_prefix)? {
+                    before += split_counted(&v)?.1;
+                }
+                let after = before + w;
+                let flip = match (before > 0, after > 0) {
+                    (false, true) => -1,
+                    (true, false) => 1,
+                    _ => 0,
                 };
-                out.push((joined, w * count));
+                if flip != 0 {
+                    for (o, c) in &matches {
+                        out.push((glue(&me_nulls, o), flip * c));
+                    }
+                }
             }
             // This side's state.
-            let mut state_key = table_prefix(me.state_id).to_vec();
-            state_key.extend_from_slice(&key);
             let mut encoded = Vec::new();
             encode_row(&mut encoded, &row_types, &columns, r)?;
+            let mut state_key = my_prefix;
             state_key.extend_from_slice(&encoded);
             ctx.add_count(state_key, encoded, w)?;
         }

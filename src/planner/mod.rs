@@ -5,15 +5,15 @@
 //! maintain its result from the changes of the one relation it reads:
 //! `TableScan` → source, `Filter` → [`Filter`], `Projection` →
 //! [`Project`], `Aggregate` → [`HashAggregate`] (COUNT, SUM, AVG, MIN,
-//! MAX), inner equi-`Join` → [`Join`] (with any extra condition as a
-//! filter above it), `Union` (ALL; `UNION` is a DISTINCT aggregate above
+//! MAX), equi-`Join` → [`Join`] (INNER with any extra condition as a
+//! filter above it; LEFT, RIGHT, FULL), `Union` (ALL; `UNION` is a DISTINCT aggregate above
 //! it), `ORDER BY … LIMIT` and `ROW_NUMBER() OVER (…)` → [`TopN`], then a
 //! final [`Materialize`]. Expressions are compiled with
 //! DataFusion's `create_physical_expr`, so every scalar expression
 //! DataFusion evaluates works unchanged on change batches.
 //!
-//! Anything else (outer joins, other aggregates, other window functions) is
-//! refused with SQLSTATE 0A000 naming the construct: a view
+//! Anything else (semi/anti joins, other aggregates, other window
+//! functions) is refused with SQLSTATE 0A000 naming the construct: a view
 //! that cannot be maintained exactly is never created.
 
 use std::sync::Arc;
@@ -246,11 +246,22 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
             Ok(node)
         }
         LogicalPlan::Join(j) => {
-            if j.join_type != JoinType::Inner {
-                return Err(Error::unsupported(format!(
-                    "{} JOIN is not supported in a materialized view yet; only INNER JOIN",
-                    j.join_type.to_string().to_uppercase()
-                )));
+            let (left_outer, right_outer) = match j.join_type {
+                JoinType::Inner => (false, false),
+                JoinType::Left => (true, false),
+                JoinType::Right => (false, true),
+                JoinType::Full => (true, true),
+                other => {
+                    return Err(Error::unsupported(format!(
+                        "{} JOIN is not supported in a materialized view yet",
+                        other.to_string().to_uppercase()
+                    )))
+                }
+            };
+            if (left_outer || right_outer) && j.filter.is_some() {
+                return Err(Error::unsupported(
+                    "an outer join with a non-equality ON condition is not supported in a materialized view yet",
+                ));
             }
             if j.null_equality != NullEquality::NullEqualsNothing {
                 return Err(Error::unsupported(
@@ -292,7 +303,8 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
                     row_types: sql_types(rs)?,
                 },
                 Arc::new(j.schema.as_arrow().clone()),
-            );
+            )
+            .with_outer(left_outer, right_outer);
             let mut node = Node::Join {
                 op: Box::new(join),
                 left: Box::new(left),
