@@ -225,3 +225,92 @@ impl Join {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Store;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::physical_expr::expressions::col;
+    use rocksdb::WriteBatch;
+
+    fn side_schema(a: &str, b: &str) -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new(a, DataType::Int64, true),
+            Field::new(b, DataType::Utf8, true),
+        ]))
+    }
+
+    fn join(left_outer: bool, right_outer: bool) -> Join {
+        let (l, r) = (side_schema("k", "x"), side_schema("k2", "y"));
+        let side = |id, s: &SchemaRef, key: &str| JoinSide {
+            state_id: id,
+            keys: vec![col(key, s).unwrap()],
+            key_types: vec![SqlType::Int8],
+            row_types: vec![SqlType::Int8, SqlType::Text],
+        };
+        let out = Arc::new(Schema::new(
+            l.fields()
+                .iter()
+                .chain(r.fields().iter())
+                .cloned()
+                .collect::<Vec<_>>(),
+        ));
+        Join::new(side(1, &l, "k"), side(2, &r, "k2"), out).with_outer(left_outer, right_outer)
+    }
+
+    /// Feeds (left, right) fixture pairs step by step, committing between.
+    fn run(j: &mut Join, steps: &[(&str, &str)]) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        let (l, r) = (side_schema("k", "x"), side_schema("k2", "y"));
+        steps
+            .iter()
+            .map(|(left, right)| {
+                let mut batch = WriteBatch::default();
+                let out = {
+                    let mut ctx = OpCtx::new(&store, &mut batch);
+                    let ld = (!left.is_empty())
+                        .then(|| ChangeBatch::from_pretty(l.clone(), left).unwrap());
+                    let rd = (!right.is_empty())
+                        .then(|| ChangeBatch::from_pretty(r.clone(), right).unwrap());
+                    j.process(ld, rd, &mut ctx).unwrap().consolidate().unwrap()
+                };
+                store.write(batch).unwrap();
+                out.to_pretty().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn inner_join_is_bilinear_and_skips_null_keys() {
+        let out = run(
+            &mut join(false, false),
+            &[
+                ("+1 | 1 | a\n+1 | NULL | n", "+1 | 1 | p"),
+                ("", "+1 | 1 | q\n+1 | NULL | m"),
+                ("-1 | 1 | a", ""),
+            ],
+        );
+        assert_eq!(out[0], "+1 | 1 | a | 1 | p");
+        assert_eq!(out[1], "+1 | 1 | a | 1 | q");
+        assert_eq!(out[2], "-1 | 1 | a | 1 | p\n-1 | 1 | a | 1 | q");
+    }
+
+    #[test]
+    fn left_join_swaps_null_extension_on_first_and_last_match() {
+        let out = run(
+            &mut join(true, false),
+            &[("+1 | 1 | a", ""), ("", "+1 | 1 | p"), ("", "-1 | 1 | p")],
+        );
+        assert_eq!(out[0], "+1 | 1 | a | NULL | NULL");
+        assert_eq!(out[1], "+1 | 1 | a | 1 | p\n-1 | 1 | a | NULL | NULL");
+        assert_eq!(out[2], "+1 | 1 | a | NULL | NULL\n-1 | 1 | a | 1 | p");
+    }
+
+    #[test]
+    fn full_join_keeps_both_sides() {
+        let out = run(&mut join(true, true), &[("+1 | 1 | a", "+1 | 2 | p")]);
+        assert_eq!(out[0], "+1 | 1 | a | NULL | NULL\n+1 | NULL | NULL | 2 | p");
+    }
+}

@@ -222,3 +222,100 @@ impl Operator for TopN {
         ChangeBatch::from_rows(&self.schema, diff)?.consolidate()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Store;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::physical_expr::expressions::col;
+    use rocksdb::WriteBatch;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Utf8, true),
+            Field::new("pts", DataType::Int64, true),
+        ]))
+    }
+
+    fn run(op: &mut TopN, steps: &[&str]) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        steps
+            .iter()
+            .map(|text| {
+                let mut batch = WriteBatch::default();
+                let out = {
+                    let mut ctx = OpCtx::new(&store, &mut batch);
+                    op.process(ChangeBatch::from_pretty(schema(), text).unwrap(), &mut ctx)
+                        .unwrap()
+                };
+                store.write(batch).unwrap();
+                out.to_pretty().unwrap()
+            })
+            .collect()
+    }
+
+    fn key(desc: bool) -> SortKey {
+        SortKey {
+            expr: col("pts", &schema()).unwrap(),
+            ty: SqlType::Int8,
+            asc: !desc,
+            nulls_first: desc,
+        }
+    }
+
+    #[test]
+    fn top_two_descending_with_nulls_first() {
+        let mut op = TopN::new(
+            5,
+            vec![],
+            vec![key(true)],
+            vec![SqlType::Text, SqlType::Int8],
+            TopNMode::Limit {
+                offset: 0,
+                limit: 2,
+            },
+            schema(),
+        );
+        let out = run(
+            &mut op,
+            &[
+                "+1 | a | 10\n+1 | b | 30\n+1 | c | 20",
+                "-1 | b | 30",
+                "+1 | n | NULL",
+            ],
+        );
+        assert_eq!(out[0], "+1 | b | 30\n+1 | c | 20");
+        assert_eq!(out[1], "+1 | a | 10\n-1 | b | 30");
+        // DESC puts NULLs first, as in PostgreSQL.
+        assert_eq!(out[2], "+1 | n | NULL\n-1 | a | 10");
+    }
+
+    #[test]
+    fn row_number_renumbers_the_touched_partition_only() {
+        let s = schema();
+        let out_schema = Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Utf8, true),
+            Field::new("pts", DataType::Int64, true),
+            Field::new("rn", DataType::UInt64, true),
+        ]));
+        let mut op = TopN::new(
+            6,
+            vec![(col("g", &s).unwrap(), SqlType::Text)],
+            vec![key(false)],
+            vec![SqlType::Text, SqlType::Int8],
+            TopNMode::RowNumber,
+            out_schema,
+        );
+        let out = run(
+            &mut op,
+            &["+1 | a | 2\n+1 | a | 5\n+1 | b | 1", "+1 | a | 1"],
+        );
+        assert_eq!(out[0], "+1 | a | 2 | 1\n+1 | a | 5 | 2\n+1 | b | 1 | 1");
+        assert_eq!(
+            out[1],
+            "+1 | a | 1 | 1\n+1 | a | 2 | 2\n+1 | a | 5 | 3\n-1 | a | 2 | 1\n-1 | a | 5 | 2"
+        );
+    }
+}
