@@ -62,8 +62,10 @@
 //! view's query by [`planner::plan_view`]): a
 //! [`dataflow::operator::Filter`] drops it or keeps it,
 //! [`dataflow::operator::Project`] computes the view's columns, a
-//! [`dataflow::aggregate::HashAggregate`] reads its group's state from
-//! RocksDB, updates it and emits −1 old / +1 new group row, and
+//! [`dataflow::join::Join`] looks the row's key up in the other side's
+//! state, a [`dataflow::aggregate::HashAggregate`] reads its group's state
+//! from RocksDB, updates it and emits −1 old / +1 new group row, a
+//! [`dataflow::topn::TopN`] re-reads its window, and
 //! [`dataflow::operator::Materialize`] adds the delta to the view's stored
 //! rows — all staged into the same `WriteBatch` as the table write, so the
 //! view is exactly as of every commit, after `kill -9` too.

@@ -187,13 +187,12 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
             };
             top_n(sort, skip, fetch, cx)
         }
-        LogicalPlan::Sort(sort) if sort.fetch.is_some() => {
-            let fetch = sort.fetch.unwrap_or_default();
-            top_n(sort, 0, fetch, cx)
-        }
-        // ORDER BY alone does not change which rows a view holds (a view,
-        // like a table, has no order: ORDER BY when you SELECT from it).
-        LogicalPlan::Sort(sort) if sort.fetch.is_none() => walk(&sort.input, cx),
+        LogicalPlan::Sort(sort) => match sort.fetch {
+            Some(fetch) => top_n(sort, 0, fetch, cx),
+            // ORDER BY alone does not change which rows a view holds (a
+            // view, like a table, has no order: ORDER BY when you SELECT).
+            None => walk(&sort.input, cx),
+        },
         LogicalPlan::Union(u) => Ok(Node::Union {
             inputs: u
                 .inputs
