@@ -91,6 +91,14 @@ async fn rows(c: &Client, sql: &str) -> Vec<String> {
     out
 }
 
+async fn create_views(c: &Client) {
+    for (name, query) in VIEWS {
+        c.batch_execute(&format!("CREATE MATERIALIZED VIEW {name} AS {query}"))
+            .await
+            .unwrap();
+    }
+}
+
 async fn check_all(c: &Client, step: usize, last: &str) {
     for (name, query) in VIEWS {
         let incremental = rows(c, &format!("SELECT * FROM {name}")).await;
@@ -181,11 +189,7 @@ async fn views_equal_their_queries_under_random_changes_and_restarts() {
     .await
     .unwrap();
     // Created after some data exists: backfill is checked too.
-    for (name, query) in VIEWS {
-        c.batch_execute(&format!("CREATE MATERIALIZED VIEW {name} AS {query}"))
-            .await
-            .unwrap();
-    }
+    create_views(&c).await;
     check_all(&c, 0, "backfill").await;
     for step in 1..=steps {
         let sql = statement(&mut rng);
@@ -216,11 +220,7 @@ async fn views_survive_kill_9_during_continuous_writes() {
     )
     .await
     .unwrap();
-    for (name, query) in VIEWS {
-        c.batch_execute(&format!("CREATE MATERIALIZED VIEW {name} AS {query}"))
-            .await
-            .unwrap();
-    }
+    create_views(&c).await;
     let writer = tokio::spawn(async move {
         let mut rng = StdRng::seed_from_u64(99);
         let mut done = 0u64;
