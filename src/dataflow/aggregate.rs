@@ -1,10 +1,11 @@
-//! Incremental `GROUP BY` with COUNT, SUM, AVG, MIN and MAX, correct under
-//! deletes.
+//! Incremental `GROUP BY` with COUNT, COUNT(DISTINCT), SUM, AVG, MIN, MAX,
+//! BOOL_AND/OR and statistics, correct under deletes.
 //!
 //! State per group lives in RocksDB at `state id · encoded group key`: the
 //! number of input rows in the group and one accumulator per aggregate —
 //! a count; a running exact sum (`i128` for integers and decimals, `f64`
-//! for floats) with its count of non-NULL inputs; or, for MIN/MAX, the
+//! for floats) with its count of non-NULL inputs; or, for MIN/MAX and
+//! COUNT(DISTINCT), the
 //! multiset of input values (value → count), so that deleting the current
 //! minimum finds the next one. For every group a delta touches the operator
 //! emits the group's old output row with weight −1 and its new one with +1
@@ -19,7 +20,7 @@ use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::PhysicalExpr;
 
-use super::operator::{OpCtx, Operator};
+use super::operator::{evaluate_all, OpCtx, Operator};
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
 use crate::error::{Error, Result};
@@ -30,6 +31,8 @@ use crate::state::encoding::{decode_value, encode_value, table_prefix};
 pub enum AggKind {
     /// `COUNT(x)` (`COUNT(*)` is `COUNT(1)`).
     Count,
+    /// `COUNT(DISTINCT x)`: the size of the group's value multiset.
+    CountDistinct,
     /// `SUM(x)`.
     Sum,
     /// `AVG(x)`.
@@ -167,13 +170,15 @@ impl HashAggregate {
         let arg_sql_types = aggs
             .iter()
             .map(|a| match a.kind {
-                AggKind::Min | AggKind::Max => SqlType::from_arrow(&a.arg_type).map(Some),
+                AggKind::Min | AggKind::Max | AggKind::CountDistinct => {
+                    SqlType::from_arrow(&a.arg_type).map(Some)
+                }
                 _ => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
         for a in &aggs {
             let ok = match a.kind {
-                AggKind::Count | AggKind::Min | AggKind::Max => true,
+                AggKind::Count | AggKind::CountDistinct | AggKind::Min | AggKind::Max => true,
                 AggKind::Sum | AggKind::Avg | AggKind::Stat(_) => {
                     a.arg_type.is_integer()
                         || is_float(&a.arg_type)
@@ -207,7 +212,9 @@ impl HashAggregate {
                 .map(|a| match a.kind {
                     AggKind::Count => Acc::Count(0),
                     AggKind::Sum | AggKind::Avg => Acc::Sum(0, 0, 0.0),
-                    AggKind::Min | AggKind::Max => Acc::Set(BTreeMap::new()),
+                    AggKind::Min | AggKind::Max | AggKind::CountDistinct => {
+                        Acc::Set(BTreeMap::new())
+                    }
                     AggKind::BoolAnd | AggKind::BoolOr => Acc::Bools(0, 0),
                     AggKind::Stat(_) => Acc::Stats(0, [0; 5], [0.0; 5]),
                 })
@@ -226,73 +233,40 @@ impl HashAggregate {
             return Ok(None);
         };
         let mut buf = v.as_slice();
-        let rows = int(decode_value(&mut buf, &SqlType::Int8)?)?;
+        let rows = get_i64(&mut buf)?;
         let mut accs = Vec::with_capacity(self.aggs.len());
         for (a, t) in self.aggs.iter().zip(&self.arg_sql_types) {
             accs.push(match a.kind {
-                AggKind::Count => Acc::Count(int(decode_value(&mut buf, &SqlType::Int8)?)?),
+                AggKind::Count => Acc::Count(get_i64(&mut buf)?),
                 AggKind::Sum | AggKind::Avg => {
-                    let n = int(decode_value(&mut buf, &SqlType::Int8)?)?;
-                    let ScalarValue::Decimal128(Some(i), ..) = decode_value(
-                        &mut buf,
-                        &SqlType::Numeric {
-                            precision: 38,
-                            scale: 0,
-                        },
-                    )?
-                    else {
-                        return Err(Error::Storage("corrupt sum state".into()));
-                    };
-                    let ScalarValue::Float64(Some(f)) = decode_value(&mut buf, &SqlType::Float8)?
-                    else {
-                        return Err(Error::Storage("corrupt sum state".into()));
-                    };
-                    Acc::Sum(n, i, f)
+                    Acc::Sum(get_i64(&mut buf)?, get_i128(&mut buf)?, get_f64(&mut buf)?)
                 }
                 AggKind::BoolAnd | AggKind::BoolOr => {
-                    let t = int(decode_value(&mut buf, &SqlType::Int8)?)?;
-                    let f = int(decode_value(&mut buf, &SqlType::Int8)?)?;
-                    Acc::Bools(t, f)
+                    Acc::Bools(get_i64(&mut buf)?, get_i64(&mut buf)?)
                 }
                 AggKind::Stat(_) => {
-                    let n = int(decode_value(&mut buf, &SqlType::Int8)?)?;
+                    let n = get_i64(&mut buf)?;
                     let mut i = [0i128; 5];
-                    let mut f = [0f64; 5];
                     for x in i.iter_mut() {
-                        let ScalarValue::Decimal128(Some(v), ..) = decode_value(
-                            &mut buf,
-                            &SqlType::Numeric {
-                                precision: 38,
-                                scale: 0,
-                            },
-                        )?
-                        else {
-                            return Err(Error::Storage("corrupt statistics state".into()));
-                        };
-                        *x = v;
+                        *x = get_i128(&mut buf)?;
                     }
+                    let mut f = [0f64; 5];
                     for x in f.iter_mut() {
-                        let ScalarValue::Float64(Some(v)) =
-                            decode_value(&mut buf, &SqlType::Float8)?
-                        else {
-                            return Err(Error::Storage("corrupt statistics state".into()));
-                        };
-                        *x = v;
+                        *x = get_f64(&mut buf)?;
                     }
                     Acc::Stats(n, i, f)
                 }
-                AggKind::Min | AggKind::Max => {
+                AggKind::Min | AggKind::Max | AggKind::CountDistinct => {
                     let t = t
                         .as_ref()
                         .ok_or_else(|| Error::Internal("min/max without type".into()))?;
-                    let len = int(decode_value(&mut buf, &SqlType::Int8)?)?;
+                    let len = get_i64(&mut buf)?;
                     let mut set = BTreeMap::new();
                     for _ in 0..len {
                         let before = buf;
                         let v = decode_value(&mut buf, t)?;
                         let enc = before[..before.len() - buf.len()].to_vec();
-                        let c = int(decode_value(&mut buf, &SqlType::Int8)?)?;
-                        set.insert(enc, (v, c));
+                        set.insert(enc, (v, get_i64(&mut buf)?));
                     }
                     Acc::Set(set)
                 }
@@ -303,53 +277,33 @@ impl HashAggregate {
 
     fn store(&self, ctx: &mut OpCtx<'_>, group: &[u8], s: &GroupState) -> Result<()> {
         let mut v = Vec::new();
-        encode_value(&mut v, &SqlType::Int8, &ScalarValue::Int64(Some(s.rows)))?;
+        put_i64(&mut v, s.rows)?;
         for acc in &s.accs {
             match acc {
-                Acc::Count(c) => {
-                    encode_value(&mut v, &SqlType::Int8, &ScalarValue::Int64(Some(*c)))?
-                }
+                Acc::Count(c) => put_i64(&mut v, *c)?,
                 Acc::Sum(n, i, f) => {
-                    encode_value(&mut v, &SqlType::Int8, &ScalarValue::Int64(Some(*n)))?;
-                    encode_value(
-                        &mut v,
-                        &SqlType::Numeric {
-                            precision: 38,
-                            scale: 0,
-                        },
-                        &ScalarValue::Decimal128(Some(*i), 38, 0),
-                    )?;
-                    encode_value(&mut v, &SqlType::Float8, &ScalarValue::Float64(Some(*f)))?;
+                    put_i64(&mut v, *n)?;
+                    put_i128(&mut v, *i)?;
+                    put_f64(&mut v, *f)?;
                 }
                 Acc::Bools(t, f) => {
-                    encode_value(&mut v, &SqlType::Int8, &ScalarValue::Int64(Some(*t)))?;
-                    encode_value(&mut v, &SqlType::Int8, &ScalarValue::Int64(Some(*f)))?;
+                    put_i64(&mut v, *t)?;
+                    put_i64(&mut v, *f)?;
                 }
                 Acc::Stats(n, i, f) => {
-                    encode_value(&mut v, &SqlType::Int8, &ScalarValue::Int64(Some(*n)))?;
+                    put_i64(&mut v, *n)?;
                     for x in i {
-                        encode_value(
-                            &mut v,
-                            &SqlType::Numeric {
-                                precision: 38,
-                                scale: 0,
-                            },
-                            &ScalarValue::Decimal128(Some(*x), 38, 0),
-                        )?;
+                        put_i128(&mut v, *x)?;
                     }
                     for x in f {
-                        encode_value(&mut v, &SqlType::Float8, &ScalarValue::Float64(Some(*x)))?;
+                        put_f64(&mut v, *x)?;
                     }
                 }
                 Acc::Set(set) => {
-                    encode_value(
-                        &mut v,
-                        &SqlType::Int8,
-                        &ScalarValue::Int64(Some(set.len() as i64)),
-                    )?;
+                    put_i64(&mut v, set.len() as i64)?;
                     for (enc, (_, c)) in set {
                         v.extend_from_slice(enc);
-                        encode_value(&mut v, &SqlType::Int8, &ScalarValue::Int64(Some(*c)))?;
+                        put_i64(&mut v, *c)?;
                     }
                 }
             }
@@ -364,6 +318,9 @@ impl HashAggregate {
         for (a, acc) in self.aggs.iter().zip(&s.accs) {
             let v = match (a.kind, acc) {
                 (AggKind::Count, Acc::Count(c)) => ScalarValue::Int64(Some(*c)),
+                (AggKind::CountDistinct, Acc::Set(set)) => {
+                    ScalarValue::Int64(Some(set.len() as i64))
+                }
                 (AggKind::Sum | AggKind::Avg, Acc::Sum(n, i, f)) => {
                     if *n == 0 {
                         ScalarValue::try_from(&a.out_type)?
@@ -563,9 +520,42 @@ fn statistic(fun: StatFn, n: i64, exact: bool, i: &[i128; 5], f: &[f64; 5]) -> O
     }
 }
 
-fn int(v: ScalarValue) -> Result<i64> {
-    match v {
+// Accumulator state is stored with the value encoding of `state::encoding`
+// (int8, numeric(38,0) for i128, float8).
+const I128: SqlType = SqlType::Numeric {
+    precision: 38,
+    scale: 0,
+};
+
+fn put_i64(buf: &mut Vec<u8>, v: i64) -> Result<()> {
+    encode_value(buf, &SqlType::Int8, &ScalarValue::Int64(Some(v)))
+}
+
+fn put_i128(buf: &mut Vec<u8>, v: i128) -> Result<()> {
+    encode_value(buf, &I128, &ScalarValue::Decimal128(Some(v), 38, 0))
+}
+
+fn put_f64(buf: &mut Vec<u8>, v: f64) -> Result<()> {
+    encode_value(buf, &SqlType::Float8, &ScalarValue::Float64(Some(v)))
+}
+
+fn get_i64(buf: &mut &[u8]) -> Result<i64> {
+    match decode_value(buf, &SqlType::Int8)? {
         ScalarValue::Int64(Some(i)) => Ok(i),
+        _ => Err(Error::Storage("corrupt aggregate state".into())),
+    }
+}
+
+fn get_i128(buf: &mut &[u8]) -> Result<i128> {
+    match decode_value(buf, &I128)? {
+        ScalarValue::Decimal128(Some(i), ..) => Ok(i),
+        _ => Err(Error::Storage("corrupt aggregate state".into())),
+    }
+}
+
+fn get_f64(buf: &mut &[u8]) -> Result<f64> {
+    match decode_value(buf, &SqlType::Float8)? {
+        ScalarValue::Float64(Some(f)) => Ok(f),
         _ => Err(Error::Storage("corrupt aggregate state".into())),
     }
 }
@@ -637,21 +627,13 @@ impl Operator for HashAggregate {
 
     fn process(&mut self, input: ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<ChangeBatch> {
         let n = input.len();
-        let groups = self
-            .group_exprs
-            .iter()
-            .map(|e| Ok(e.evaluate(&input.data)?.into_array(n)?))
-            .collect::<Result<Vec<ArrayRef>>>()?;
-        let args = self
-            .aggs
-            .iter()
-            .map(|a| Ok(a.arg.evaluate(&input.data)?.into_array(n)?))
-            .collect::<Result<Vec<ArrayRef>>>()?;
+        let groups = evaluate_all(&self.group_exprs, &input.data)?;
+        let args = evaluate_all(self.aggs.iter().map(|a| &a.arg), &input.data)?;
         let args2 = self
             .aggs
             .iter()
             .map(|a| match &a.arg2 {
-                Some((e, _)) => Ok(Some(e.evaluate(&input.data)?.into_array(n)?)),
+                Some((e, _)) => Ok(Some(evaluate_all([e], &input.data)?.remove(0))),
                 None => Ok(None),
             })
             .collect::<Result<Vec<Option<ArrayRef>>>>()?;

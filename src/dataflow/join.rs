@@ -23,7 +23,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::PhysicalExpr;
 
-use super::operator::OpCtx;
+use super::operator::{evaluate_all, OpCtx};
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
 use crate::error::Result;
@@ -144,11 +144,7 @@ impl Join {
         };
         let (me_nulls, other_nulls) = (nulls(&me.row_types)?, nulls(&other.row_types)?);
         let n = delta.len();
-        let keys = me
-            .keys
-            .iter()
-            .map(|k| Ok(k.evaluate(&delta.data)?.into_array(n)?))
-            .collect::<Result<Vec<ArrayRef>>>()?;
+        let keys = evaluate_all(&me.keys, &delta.data)?;
         let row_types: Vec<&SqlType> = me.row_types.iter().collect();
         let columns: Vec<&ArrayRef> = delta.data.columns().iter().collect();
         for r in 0..n {

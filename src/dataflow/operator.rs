@@ -128,6 +128,17 @@ impl<'a> OpCtx<'a> {
     }
 }
 
+/// Evaluates expressions over a batch, one array each (scalars expanded).
+pub fn evaluate_all<'e>(
+    exprs: impl IntoIterator<Item = &'e Arc<dyn PhysicalExpr>>,
+    batch: &RecordBatch,
+) -> Result<Vec<ArrayRef>> {
+    exprs
+        .into_iter()
+        .map(|e| Ok(e.evaluate(batch)?.into_array(batch.num_rows())?))
+        .collect()
+}
+
 /// An incremental operator.
 pub trait Operator: Send + Sync + std::fmt::Debug {
     /// Output schema.

@@ -20,7 +20,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::PhysicalExpr;
 
-use super::operator::{OpCtx, Operator};
+use super::operator::{evaluate_all, OpCtx, Operator};
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
 use crate::error::Result;
@@ -152,11 +152,7 @@ impl Operator for TopN {
 
     fn process(&mut self, input: ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<ChangeBatch> {
         let n = input.len();
-        let part_arrays = self
-            .partition
-            .iter()
-            .map(|(e, _)| Ok(e.evaluate(&input.data)?.into_array(n)?))
-            .collect::<Result<Vec<ArrayRef>>>()?;
+        let part_arrays = evaluate_all(self.partition.iter().map(|(e, _)| e), &input.data)?;
         // Partition prefix of every row, and each touched partition's
         // output before the delta.
         let mut prefixes = Vec::with_capacity(n);
@@ -183,11 +179,7 @@ impl Operator for TopN {
             }
             prefixes.push(prefix);
         }
-        let key_arrays = self
-            .keys
-            .iter()
-            .map(|k| Ok(k.expr.evaluate(&input.data)?.into_array(n)?))
-            .collect::<Result<Vec<ArrayRef>>>()?;
+        let key_arrays = evaluate_all(self.keys.iter().map(|k| &k.expr), &input.data)?;
         let row_types: Vec<&SqlType> = self.row_types.iter().collect();
         let columns: Vec<&ArrayRef> = input.data.columns().iter().collect();
         for (r, prefix) in prefixes.into_iter().enumerate() {

@@ -210,7 +210,7 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
             let name = scan.table_name.table().to_string();
             let id = (cx.resolve)(&name).ok_or_else(|| {
                 Error::unsupported(format!(
-                    "a materialized view cannot read \"{}\"; only tables and materialized views",
+                    "a materialized view cannot read \"{}\"; only tables, sources and materialized views",
                     scan.table_name
                 ))
             })?;
@@ -365,13 +365,20 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
                     AggKind::Stat(s) if s.binary() => 2,
                     _ => 1,
                 };
-                if p.distinct
-                    || p.filter.is_some()
-                    || !p.order_by.is_empty()
-                    || p.args.len() != arity
-                {
+                // DISTINCT changes nothing for MIN/MAX; COUNT(DISTINCT x)
+                // keeps the same value multiset MIN/MAX keep.
+                let kind = match (p.distinct, kind) {
+                    (true, AggKind::Count) => AggKind::CountDistinct,
+                    (true, AggKind::Min | AggKind::Max) | (false, _) => kind,
+                    (true, _) => {
+                        return Err(Error::unsupported(format!(
+                            "{e}: only COUNT, MIN and MAX take DISTINCT in a materialized view yet"
+                        )))
+                    }
+                };
+                if p.filter.is_some() || !p.order_by.is_empty() || p.args.len() != arity {
                     return Err(Error::unsupported(format!(
-                        "{e} (DISTINCT, FILTER, ORDER BY or several arguments) is not supported in a materialized view yet"
+                        "{e} (FILTER, ORDER BY or several arguments) is not supported in a materialized view yet; FILTER (WHERE c) can be written as a CASE WHEN c THEN … END argument"
                     )));
                 }
                 let arg = &p.args[0];
