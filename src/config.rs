@@ -2,11 +2,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6875";
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "./sluice-data";
+/// Default checkpoint (epoch) interval of sources, in milliseconds.
+pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 100;
 /// Default connection cap.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 
@@ -22,6 +25,8 @@ pub struct Config {
     /// fsync every commit (on by default; off trades power-loss durability
     /// for speed — a process crash still loses nothing).
     pub fsync: bool,
+    /// How often the epoch driver commits source rows (see `epoch`).
+    pub checkpoint_interval: Duration,
 }
 
 impl Config {
@@ -32,6 +37,7 @@ impl Config {
             data_dir: data_dir.into(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             fsync: true,
+            checkpoint_interval: Duration::from_millis(DEFAULT_CHECKPOINT_INTERVAL_MS),
         }
     }
 }

@@ -66,6 +66,8 @@ pub struct Engine {
     snapshot: Arc<RwLock<()>>,
     /// Pipelines of the materialized views, run inside every commit.
     pipelines: parking_lot::Mutex<Vec<Pipeline>>,
+    /// The sources the epoch driver runs.
+    pub driver: crate::epoch::Driver,
     change_feed: broadcast::Sender<Arc<TableChange>>,
 }
 
@@ -126,6 +128,7 @@ impl Engine {
             writer: Mutex::new(()),
             snapshot: Arc::new(RwLock::new(())),
             pipelines: parking_lot::Mutex::new(Vec::new()),
+            driver: crate::epoch::Driver::default(),
             change_feed,
         });
         // Views are stored as SQL and re-planned in creation order, which is
@@ -163,9 +166,14 @@ impl Engine {
                     engine.catalog.register_mv(def);
                     engine.add_pipeline(planned.pipeline);
                 }
+                CatalogEntry::Source(def) => {
+                    let source = engine.catalog.restore_source(def);
+                    engine.driver.add(&engine, &source)?;
+                }
                 CatalogEntry::Table(_) => {}
             }
         }
+        crate::epoch::spawn(&engine, engine.config.checkpoint_interval)?;
         Ok(engine)
     }
 
@@ -183,7 +191,7 @@ impl Engine {
     }
 
     fn plan_view_sql(&self, sql: &str) -> Result<LogicalPlan> {
-        let stmts = crate::sql::parse(sql)?;
+        let stmts = crate::sql::parse_sql(sql)?;
         let [ast::Statement::Query(q)] = stmts.as_slice() else {
             return Err(Error::Internal(format!(
                 "stored view is not a query: {sql}"
@@ -233,12 +241,13 @@ impl Engine {
         self.snapshot.read().await
     }
 
-    /// The id whose changes feed a view reading relation `name` (a table or
-    /// a materialized view).
+    /// The id whose changes feed a view reading relation `name` (a table,
+    /// a materialized view or a source).
     pub fn source_id(&self, name: &str) -> Option<u32> {
         match self.catalog.get(name)? {
             Relation::Table(t) => Some(t.def.id),
             Relation::MaterializedView(m) => Some(m.def.id),
+            Relation::Source(s) => Some(s.def.id),
             Relation::View(_) => None,
         }
     }

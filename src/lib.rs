@@ -70,6 +70,18 @@
 //! rows — all staged into the same `WriteBatch` as the table write, so the
 //! view is exactly as of every commit, after `kill -9` too.
 //!
+//! ## Life of a source row
+//!
+//! A generator source ([`connector::generator`]) is a pure function from
+//! offset to row. Every checkpoint interval the epoch driver
+//! ([`epoch`]) takes the writer lock, asks each source for the rows due
+//! ([`connector::GeneratorSpec::generate`]), and passes them as change
+//! batches to [`engine::Engine::commit`] — the path above, so every view
+//! reading the source is maintained — with the sources' new offsets in the
+//! same `WriteBatch`. A restart resumes each source at its committed
+//! offset; `SELECT … FROM source` regenerates rows `0..offset`
+//! ([`query::SourceTable`]).
+//!
 //! Errors are one typed enum, [`error::Error`]; SQLSTATEs are assigned only
 //! at the wire, in [`server::errors`].
 
@@ -77,8 +89,10 @@
 
 pub mod catalog;
 pub mod config;
+pub mod connector;
 pub mod dataflow;
 pub mod engine;
+pub mod epoch;
 pub mod error;
 pub mod planner;
 pub mod query;

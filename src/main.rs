@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use sluice::config::{Config, DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS};
+use sluice::config::{
+    Config, DEFAULT_CHECKPOINT_INTERVAL_MS, DEFAULT_DATA_DIR, DEFAULT_LISTEN,
+    DEFAULT_MAX_CONNECTIONS,
+};
 use sluice::engine::Engine;
 
 /// Sluice: an embedded streaming SQL engine speaking the Postgres wire protocol.
@@ -25,6 +28,11 @@ struct Args {
     /// loss may lose the last commits).
     #[arg(long, env = "SLUICE_NO_FSYNC")]
     no_fsync: bool,
+    /// How often sources commit an epoch (their rows, view state and
+    /// offsets, atomically), in milliseconds.
+    #[arg(long, env = "SLUICE_CHECKPOINT_INTERVAL_MS", default_value_t = DEFAULT_CHECKPOINT_INTERVAL_MS,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    checkpoint_interval_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,6 +58,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         max_connections: args.max_connections.max(1),
         fsync: !args.no_fsync,
+        checkpoint_interval: std::time::Duration::from_millis(args.checkpoint_interval_ms),
     };
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -40,7 +40,7 @@ impl Session {
     }
 
     /// Parses and plans every statement of `sql` (a simple query).
-    pub fn parse(sql: &str) -> Result<Vec<datafusion::sql::sqlparser::ast::Statement>> {
+    pub fn parse(sql: &str) -> Result<Vec<sql::Stmt>> {
         sql::parse(sql)
     }
 

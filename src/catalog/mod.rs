@@ -1,4 +1,5 @@
-//! The catalog: tables and views, their ids, columns and keys.
+//! The catalog: tables, views, materialized views and sources; their ids,
+//! columns and keys.
 //!
 //! Entries are persisted in RocksDB's system keyspace (see
 //! [`crate::state::store`]) as JSON, keyed by object id, and loaded into
@@ -21,9 +22,12 @@ use parking_lot::RwLock;
 use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
 
+use crate::connector::GeneratorSpec;
 use crate::error::{Error, Result};
 use crate::state::encoding::table_prefix;
-use crate::state::store::{prefix_end, sys_key, Store, SYS_CATALOG, SYS_META, SYS_ROWID};
+use crate::state::store::{
+    prefix_end, sys_key, Store, SYS_CATALOG, SYS_META, SYS_OFFSET, SYS_ROWID,
+};
 use types::SqlType;
 
 /// First id handed to user objects; ids below are reserved for the system.
@@ -93,6 +97,23 @@ pub struct MvDef {
     pub state_ids: Vec<u32>,
 }
 
+/// A source: an append-only stream that materialized views consume.
+///
+/// Its rows are not stored: only its offset is (in the system keyspace,
+/// committed with every epoch), because a source can replay any offset
+/// range (see [`crate::connector`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceDef {
+    /// Object id; also the id its change batches carry.
+    pub id: u32,
+    /// Source name.
+    pub name: String,
+    /// Columns in order.
+    pub columns: Vec<ColumnDef>,
+    /// What produces the rows.
+    pub generator: GeneratorSpec,
+}
+
 /// What the catalog persists per object.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -103,11 +124,14 @@ pub enum CatalogEntry {
     View(ViewDef),
     /// A materialized view.
     MaterializedView(MvDef),
+    /// A source.
+    Source(SourceDef),
 }
 
 impl CatalogEntry {
     fn id(&self) -> u32 {
         match self {
+            CatalogEntry::Source(s) => s.id,
             CatalogEntry::Table(t) => t.id,
             CatalogEntry::View(v) => v.id,
             CatalogEntry::MaterializedView(m) => m.id,
@@ -199,9 +223,20 @@ pub struct MaterializedView {
     pub table: Arc<Table>,
 }
 
+/// A source as the engine uses it.
+#[derive(Debug)]
+pub struct Source {
+    /// The persisted definition.
+    pub def: SourceDef,
+    /// Arrow schema of its rows.
+    pub schema: SchemaRef,
+}
+
 /// A relation found by name.
 #[derive(Debug, Clone)]
 pub enum Relation {
+    /// A source.
+    Source(Arc<Source>),
     /// A table.
     Table(Arc<Table>),
     /// A view.
@@ -215,6 +250,7 @@ struct State {
     tables: BTreeMap<String, Arc<Table>>,
     views: BTreeMap<String, Arc<View>>,
     mvs: BTreeMap<String, Arc<MaterializedView>>,
+    sources: BTreeMap<String, Arc<Source>>,
     next_id: u32,
 }
 
@@ -225,8 +261,9 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Loads the catalog from the store. Views and materialized views are
-    /// returned, in creation order, for the caller to re-plan and restore.
+    /// Loads the catalog from the store. Views, materialized views and
+    /// sources are returned, in creation order, for the caller to re-plan
+    /// and restore.
     pub fn load(store: Arc<Store>) -> Result<(Catalog, Vec<CatalogEntry>)> {
         let mut state = State {
             next_id: FIRST_USER_ID,
@@ -284,12 +321,20 @@ impl Catalog {
         if let Some(m) = s.mvs.get(name) {
             return Some(Relation::MaterializedView(m.clone()));
         }
+        if let Some(src) = s.sources.get(name) {
+            return Some(Relation::Source(src.clone()));
+        }
         s.views.get(name).map(|v| Relation::View(v.clone()))
     }
 
     /// Names of all materialized views, sorted.
     pub fn mv_names(&self) -> Vec<String> {
         self.state.read().mvs.keys().cloned().collect()
+    }
+
+    /// All sources, sorted by name.
+    pub fn sources(&self) -> Vec<Arc<Source>> {
+        self.state.read().sources.values().cloned().collect()
     }
 
     /// Looks a table up by name.
@@ -305,6 +350,7 @@ impl Catalog {
             .keys()
             .chain(s.views.keys())
             .chain(s.mvs.keys())
+            .chain(s.sources.keys())
             .cloned()
             .collect();
         names.sort();
@@ -351,6 +397,7 @@ impl Catalog {
         if state.tables.contains_key(name)
             || state.views.contains_key(name)
             || state.mvs.contains_key(name)
+            || state.sources.contains_key(name)
         {
             return Err(Error::DuplicateObject(name.to_string()));
         }
@@ -411,6 +458,39 @@ impl Catalog {
         mv
     }
 
+    /// Creates a source; `def.id` is assigned here. Its offset starts at 0,
+    /// written in the same batch as its entry.
+    pub fn create_source(&self, mut def: SourceDef) -> Result<Arc<Source>> {
+        let mut state = self.state.write();
+        Self::ensure_free(&state, &def.name)?;
+        let mut batch = WriteBatch::default();
+        def.id = Self::allocate_id(&mut state, &mut batch);
+        put_entry(&mut batch, &CatalogEntry::Source(def.clone()))?;
+        batch.put(source_offset_key(def.id), 0u64.to_be_bytes());
+        self.store.write(batch)?;
+        let source = Arc::new(Source {
+            schema: def.generator.schema(),
+            def,
+        });
+        state
+            .sources
+            .insert(source.def.name.clone(), source.clone());
+        Ok(source)
+    }
+
+    /// Re-registers a source loaded at startup.
+    pub fn restore_source(&self, def: SourceDef) -> Arc<Source> {
+        let source = Arc::new(Source {
+            schema: def.generator.schema(),
+            def,
+        });
+        self.state
+            .write()
+            .sources
+            .insert(source.def.name.clone(), source.clone());
+        source
+    }
+
     /// Re-registers a view loaded at startup.
     pub fn restore_view(&self, def: ViewDef, plan: LogicalPlan) {
         self.state
@@ -431,6 +511,9 @@ impl Catalog {
                 batch.delete(sys_key(SYS_ROWID, &id.to_be_bytes()));
                 let prefix = table_prefix(id);
                 batch.delete_range(prefix.to_vec(), prefix_end(&prefix));
+            } else if let Some(src) = state.sources.get(name) {
+                batch.delete(sys_key(SYS_CATALOG, &src.def.id.to_be_bytes()));
+                batch.delete(source_offset_key(src.def.id));
             } else if let Some(v) = state.views.get(name) {
                 batch.delete(sys_key(SYS_CATALOG, &v.def.id.to_be_bytes()));
             } else if let Some(m) = state.mvs.get(name) {
@@ -446,8 +529,24 @@ impl Catalog {
             state.tables.remove(name);
             state.views.remove(name);
             state.mvs.remove(name);
+            state.sources.remove(name);
         }
         Ok(())
+    }
+}
+
+/// Where a source's committed offset lives (u64 big-endian).
+pub fn source_offset_key(id: u32) -> Vec<u8> {
+    sys_key(SYS_OFFSET, &id.to_be_bytes())
+}
+
+/// A source's committed offset as `store` holds it.
+pub fn read_source_offset(store: &Store, id: u32) -> Result<u64> {
+    match store.get(&source_offset_key(id))? {
+        Some(v) => Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(
+            |_| Error::Storage(format!("corrupt offset of source {id}")),
+        )?)),
+        None => Ok(0),
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! [`SluiceSchema`] is the `public` schema DataFusion plans against: it
 //! resolves names through the [`Catalog`] to a [`StoredTable`] (rows in
-//! RocksDB) or a DataFusion `ViewTable` (a view's planned query).
+//! RocksDB), a [`SourceTable`] (a bounded scan of a source) or a DataFusion
+//! `ViewTable` (a view's planned query).
 //!
 //! [`StoredTable::scan`] recognises equality predicates on the whole primary
 //! key (`id = 5`, `id IN (1, 2)`, `a = 1 AND b = 'x'`) and answers them with
@@ -10,6 +11,7 @@
 //! O(keys), not O(table).
 
 pub mod functions;
+pub mod source;
 pub mod table;
 
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use datafusion::error::Result as DfResult;
 
 use crate::catalog::{Catalog, Relation};
 use crate::state::Store;
+pub use source::SourceTable;
 pub use table::StoredTable;
 
 /// The `public` schema, backed by the catalog.
@@ -56,6 +59,7 @@ impl SchemaProvider for SluiceSchema {
                 m.table.clone(),
                 self.store.clone(),
             ))),
+            Some(Relation::Source(s)) => Some(Arc::new(SourceTable::new(s, self.store.clone()))),
             Some(Relation::View(v)) => Some(Arc::new(ViewTable::new(
                 v.plan.clone(),
                 Some(v.def.sql.clone()),

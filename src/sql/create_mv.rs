@@ -15,10 +15,11 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::sqlparser::ast;
 use rocksdb::WriteBatch;
 
-use crate::catalog::{MvDef, Relation};
+use crate::catalog::{read_source_offset, MvDef, Relation};
 use crate::dataflow::operator::OpCtx;
 use crate::dataflow::ChangeBatch;
 use crate::engine::Engine;
+use crate::epoch::MAX_EPOCH_ROWS;
 use crate::error::{Error, Result};
 use crate::planner::{plan_view, PlannedView};
 use crate::query::StoredTable;
@@ -102,6 +103,19 @@ pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
             let table = match engine.catalog.get(source) {
                 Some(Relation::Table(t)) => t,
                 Some(Relation::MaterializedView(m)) => m.table.clone(),
+                Some(Relation::Source(s)) => {
+                    // A source's rows so far are regenerated from offset 0
+                    // to its committed offset, in epoch-sized pieces.
+                    let end = read_source_offset(&engine.store, s.def.id)?;
+                    let mut from = 0;
+                    while from < end {
+                        let to = end.min(from + MAX_EPOCH_ROWS);
+                        let rows = s.def.generator.generate(from, to)?;
+                        pipeline.process(*source_id, &ChangeBatch::uniform(rows, 1), &mut ctx)?;
+                        from = to;
+                    }
+                    continue;
+                }
                 _ => return Err(Error::UndefinedTable(source.clone())),
             };
             for b in StoredTable::new(table, engine.store.clone()).read(&[], None)? {

@@ -68,6 +68,11 @@ pub async fn execute(
                 "cannot change view \"{name}\"; views are read-only"
             )))
         }
+        Some(Relation::Source(_)) => {
+            return Err(Error::WrongObjectType(format!(
+                "cannot change source \"{name}\"; sources are append-only streams"
+            )))
+        }
         None => return Err(Error::UndefinedTable(name)),
     };
     let _writer = engine.writer().await;

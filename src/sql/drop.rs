@@ -1,4 +1,5 @@
-//! `DROP TABLE | VIEW [IF EXISTS] name [, …] [CASCADE | RESTRICT]`.
+//! `DROP TABLE | VIEW | MATERIALIZED VIEW [IF EXISTS] name [, …]
+//! [CASCADE | RESTRICT]`, and the dependency walk `DROP SOURCE` shares.
 
 use datafusion::sql::sqlparser::ast::{ObjectName, ObjectType};
 
@@ -33,6 +34,11 @@ pub async fn execute(
             Some(Relation::Table(_)) => ObjectType::Table,
             Some(Relation::View(_)) => ObjectType::View,
             Some(Relation::MaterializedView(_)) => ObjectType::MaterializedView,
+            Some(Relation::Source(_)) => {
+                return Err(Error::WrongObjectType(format!(
+                    "\"{name}\" is a source; use DROP SOURCE"
+                )))
+            }
         };
         if kind != object_type {
             let what = match object_type {
@@ -44,20 +50,31 @@ pub async fn execute(
         }
         collect(engine, &name, cascade, &mut to_drop)?;
     }
-    // Stop maintaining dropped materialized views before their rows go.
-    let mv_ids: Vec<u32> = to_drop
-        .iter()
-        .filter_map(|n| match engine.catalog.get(n) {
-            Some(Relation::MaterializedView(m)) => Some(m.def.id),
-            _ => None,
-        })
-        .collect();
-    engine.remove_pipelines(&mv_ids);
-    engine.catalog.drop_relations(&to_drop)?;
+    drop_collected(engine, &to_drop)?;
     Ok(Outcome::Command { tag, rows: None })
 }
 
-fn collect(engine: &Engine, name: &str, cascade: bool, out: &mut Vec<String>) -> Result<()> {
+/// Drops the relations [`collect`] gathered, in one atomic catalog change.
+/// Callers hold the engine's writer lock, so no commit or epoch is in
+/// flight: pipelines and sources stop before their state goes.
+pub fn drop_collected(engine: &Engine, to_drop: &[String]) -> Result<()> {
+    let mut mv_ids = Vec::new();
+    let mut source_ids = Vec::new();
+    for n in to_drop {
+        match engine.catalog.get(n) {
+            Some(Relation::MaterializedView(m)) => mv_ids.push(m.def.id),
+            Some(Relation::Source(s)) => source_ids.push(s.def.id),
+            _ => {}
+        }
+    }
+    engine.remove_pipelines(&mv_ids);
+    engine.driver.remove(&source_ids);
+    engine.catalog.drop_relations(to_drop)
+}
+
+/// Adds `name` and (with `cascade`) everything that depends on it to `out`;
+/// without `cascade`, dependents are an error (SQLSTATE 2BP01).
+pub fn collect(engine: &Engine, name: &str, cascade: bool, out: &mut Vec<String>) -> Result<()> {
     if out.iter().any(|n| n == name) {
         return Ok(());
     }

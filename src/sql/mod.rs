@@ -16,6 +16,7 @@ pub mod drop;
 pub mod select;
 pub mod set;
 pub mod show;
+pub mod source;
 pub mod transaction;
 
 use std::sync::Arc;
@@ -31,8 +32,48 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 pub use set::Vars;
 
-/// Parses one or more `;`-separated statements.
-pub fn parse(sql: &str) -> Result<Vec<Statement>> {
+/// A parsed statement: sqlparser's, or one of ours that it does not know.
+// sqlparser's `Statement` is large and is by far the common variant; boxing
+// it would only add an allocation per statement.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Stmt {
+    /// Parsed by sqlparser.
+    Sql(Statement),
+    /// `CREATE SOURCE`, `DROP SOURCE`, `SHOW SOURCES`.
+    Source(source::SourceStatement),
+}
+
+impl std::fmt::Display for Stmt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stmt::Sql(s) => s.fmt(f),
+            Stmt::Source(s) => s.fmt(f),
+        }
+    }
+}
+
+/// Parses one or more `;`-separated statements, ours included.
+pub fn parse(sql: &str) -> Result<Vec<Stmt>> {
+    match source::split(sql)? {
+        None => Ok(parse_sql(sql)?.into_iter().map(Stmt::Sql).collect()),
+        Some(pieces) => {
+            let mut out = Vec::new();
+            for p in pieces {
+                match p {
+                    source::Piece::Source(s) => out.push(Stmt::Source(s)),
+                    source::Piece::Sql(text) => {
+                        out.extend(parse_sql(&text)?.into_iter().map(Stmt::Sql))
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Parses statements sqlparser knows.
+pub fn parse_sql(sql: &str) -> Result<Vec<Statement>> {
     thread_local! {
         static PARSER: PostgresCompatibilityParser = PostgresCompatibilityParser::new();
     }
@@ -65,7 +106,7 @@ pub struct Prepared {
     /// The source text.
     pub sql: String,
     /// The parsed statement.
-    pub stmt: Statement,
+    pub stmt: Stmt,
     /// DataFusion's plan, for queries and DML.
     pub plan: Option<LogicalPlan>,
     /// Result column names as PostgreSQL would print them, when they differ
@@ -81,7 +122,14 @@ impl Prepared {
         if let Some(r) = &self.returning {
             return Some(r.schema.clone());
         }
-        match (&self.plan, &self.stmt) {
+        let stmt = match &self.stmt {
+            Stmt::Sql(s) => s,
+            Stmt::Source(s) => {
+                return matches!(s.kind, source::SourceStatementKind::Show)
+                    .then(source::show_schema)
+            }
+        };
+        match (&self.plan, stmt) {
             (Some(LogicalPlan::Dml(_)), _) => None,
             (Some(plan), _) => Some(Arc::new(plan.schema().as_arrow().clone())),
             (None, Statement::ShowTables { .. }) => Some(show::tables_schema()),
@@ -154,21 +202,30 @@ pub struct Ctx<'a> {
 }
 
 /// Plans `stmt` for later execution.
-pub async fn prepare(engine: &Engine, sql: &str, stmt: Statement) -> Result<Prepared> {
+pub async fn prepare(engine: &Engine, sql: &str, stmt: Stmt) -> Result<Prepared> {
     let mut returning = None;
-    let (plan, column_names) = match &stmt {
+    let Stmt::Sql(sql_stmt) = &stmt else {
+        return Ok(Prepared {
+            sql: sql.to_string(),
+            stmt,
+            plan: None,
+            column_names: None,
+            returning: None,
+        });
+    };
+    let (plan, column_names) = match sql_stmt {
         Statement::Query(q) => {
-            let plan = engine.plan(&stmt).await?;
+            let plan = engine.plan(sql_stmt).await?;
             let names = select::pg_column_names(q, plan.schema().fields().len());
             (Some(plan), names)
         }
         Statement::Explain { statement, .. } if matches!(statement.as_ref(), Statement::CreateView(cv) if cv.materialized) => {
             (None, None)
         }
-        Statement::Explain { .. } => (Some(engine.plan(&stmt).await?), None),
+        Statement::Explain { .. } => (Some(engine.plan(sql_stmt).await?), None),
         Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) => {
-            dml::check_supported(&stmt)?;
-            let (without_returning, items) = dml::split_returning(&stmt);
+            dml::check_supported(sql_stmt)?;
+            let (without_returning, items) = dml::split_returning(sql_stmt);
             let plan = engine.plan(&without_returning).await?;
             let mut names = None;
             if let Some(items) = items {
@@ -195,6 +252,13 @@ pub async fn execute(
     prepared: &Prepared,
     params: Option<&ParamValues>,
 ) -> Result<Outcome> {
+    let stmt = match &prepared.stmt {
+        Stmt::Sql(s) => s,
+        Stmt::Source(s) => {
+            reject_params(params)?;
+            return source::execute(ctx.engine, s).await;
+        }
+    };
     if let Some(plan) = &prepared.plan {
         let plan = match params {
             Some(p) => plan.clone().replace_params_with_values(p)?,
@@ -202,8 +266,8 @@ pub async fn execute(
         };
         return match plan {
             LogicalPlan::Dml(dml) => {
-                let affected = dml::execute(ctx.engine, &prepared.stmt, dml).await?;
-                let tag = match &prepared.stmt {
+                let affected = dml::execute(ctx.engine, stmt, dml).await?;
+                let tag = match stmt {
                     Statement::Insert(_) => "INSERT",
                     Statement::Update(_) => "UPDATE",
                     _ => "DELETE",
@@ -222,26 +286,10 @@ pub async fn execute(
                     }),
                 }
             }
-            plan => {
-                select::run(
-                    ctx.engine,
-                    &prepared.stmt,
-                    &plan,
-                    prepared.column_names.clone(),
-                )
-                .await
-            }
+            plan => select::run(ctx.engine, stmt, &plan, prepared.column_names.clone()).await,
         };
     }
-    if params.is_some_and(|p| match p {
-        ParamValues::List(l) => !l.is_empty(),
-        ParamValues::Map(m) => !m.is_empty(),
-    }) {
-        return Err(Error::unsupported(
-            "parameters are not supported in this statement",
-        ));
-    }
-    let stmt = &prepared.stmt;
+    reject_params(params)?;
     match stmt {
         Statement::CreateTable(ct) => create_table::execute(ctx.engine, ct).await,
         Statement::CreateView(cv) => create_view::execute(ctx.engine, cv).await,
@@ -264,8 +312,10 @@ pub async fn execute(
         Statement::Set(s) => set::set(ctx.vars, s),
         Statement::Reset(r) => set::reset(ctx.vars, r),
         Statement::Flush { tables, .. } if tables.is_empty() => {
-            // Views are maintained inside each write's commit: once no write
-            // is in flight, everything written before is visible in every view.
+            // Table writes maintain views inside their own commit: once no
+            // write is in flight, everything written before is visible in
+            // every view. Source rows wait for an epoch: ask for one now.
+            ctx.engine.driver.flush().await;
             drop(ctx.engine.writer().await);
             Ok(Outcome::Command {
                 tag: "FLUSH",
@@ -288,6 +338,18 @@ pub async fn execute(
             statement_kind(other)
         ))),
     }
+}
+
+fn reject_params(params: Option<&ParamValues>) -> Result<()> {
+    if params.is_some_and(|p| match p {
+        ParamValues::List(l) => !l.is_empty(),
+        ParamValues::Map(m) => !m.is_empty(),
+    }) {
+        return Err(Error::unsupported(
+            "parameters are not supported in this statement",
+        ));
+    }
+    Ok(())
 }
 
 /// A short name of a statement for error messages.

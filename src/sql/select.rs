@@ -147,7 +147,7 @@ mod tests {
     use super::*;
 
     fn names(sql: &str, n: usize) -> Vec<String> {
-        let stmts = crate::sql::parse(sql).unwrap();
+        let stmts = crate::sql::parse_sql(sql).unwrap();
         let Statement::Query(q) = &stmts[0] else {
             panic!()
         };

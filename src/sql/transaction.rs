@@ -13,13 +13,23 @@
 
 use datafusion::sql::sqlparser::ast::Statement;
 
+use crate::sql::source::SourceStatementKind;
+use crate::sql::Stmt;
+
 /// Statements allowed in a failed transaction block.
-pub fn allowed_in_failed_block(stmt: &Statement) -> bool {
-    matches!(stmt, Statement::Commit { .. } | Statement::Rollback { .. })
+pub fn allowed_in_failed_block(stmt: &Stmt) -> bool {
+    matches!(
+        stmt,
+        Stmt::Sql(Statement::Commit { .. } | Statement::Rollback { .. })
+    )
 }
 
 /// Whether a statement writes data or the catalog.
-pub fn is_write(stmt: &Statement) -> bool {
+pub fn is_write(stmt: &Stmt) -> bool {
+    let stmt = match stmt {
+        Stmt::Sql(s) => s,
+        Stmt::Source(s) => return !matches!(s.kind, SourceStatementKind::Show),
+    };
     matches!(
         stmt,
         Statement::Insert(_)

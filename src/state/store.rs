@@ -8,9 +8,10 @@
 //! | `0u32 · 0x01 · object id (u32)` | catalog entry (JSON, see `catalog`) |
 //! | `0u32 · 0x02 · name` | metadata (e.g. `next_object_id`, u32 BE) |
 //! | `0u32 · 0x03 · table id (u32)` | next hidden row id of a table without a primary key (u64 BE) |
+//! | `0u32 · 0x04 · source id (u32)` | committed offset of a source (u64 BE), written with each epoch |
 //! | `table id · encoded primary key` | encoded row (see [`super::encoding`]) |
 //!
-//! Every change — a DDL statement, a DML statement, later an epoch — is one
+//! Every change — a DDL statement, a DML statement, a source epoch — is one
 //! [`WriteBatch`], so it is applied atomically. Writes go to the write-ahead
 //! log before they are acknowledged (and are fsynced when `sync` is on, the
 //! default), so a statement that returned success survives `kill -9`.
@@ -27,6 +28,9 @@ pub const SYS_CATALOG: u8 = 0x01;
 pub const SYS_META: u8 = 0x02;
 /// Sub-keyspace of the system table holding hidden row-id counters.
 pub const SYS_ROWID: u8 = 0x03;
+
+/// Sub-keyspace of the system table holding sources' committed offsets.
+pub const SYS_OFFSET: u8 = 0x04;
 
 /// The key of a system-keyspace entry.
 pub fn sys_key(space: u8, suffix: &[u8]) -> Vec<u8> {

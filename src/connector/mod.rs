@@ -1,0 +1,18 @@
+//! Connectors: where streams come from.
+//!
+//! A source is an **append-only stream addressed by offset**: row `n` of a
+//! source is always the same row, so a source's whole position is one
+//! `u64`, stored in the same RocksDB `WriteBatch` as the view state it
+//! produced (see [`crate::epoch`]). That is what makes recovery exact:
+//! after a crash the source resumes at the committed offset, and the
+//! events after it are produced again, identically — no gaps, no
+//! duplicates.
+//!
+//! Today's connectors are the built-in [`generator`]s (a counter and
+//! Nexmark), which need no external system, so a fresh Sluice can stream
+//! out of the box. The module knows nothing of SQL or the catalog; it
+//! speaks Arrow.
+
+pub mod generator;
+
+pub use generator::{GeneratorSpec, NexmarkTable};
