@@ -15,8 +15,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use datafusion::arrow::array::ArrayRef;
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Decimal128Type, Float64Type, Int64Type, SchemaRef};
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::PhysicalExpr;
 
@@ -24,7 +25,7 @@ use super::operator::{evaluate_all, OpCtx, Operator};
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
 use crate::error::{Error, Result};
-use crate::state::encoding::{decode_value, encode_value, table_prefix};
+use crate::state::encoding::{decode_value, encode_cell, encode_value, table_prefix};
 
 /// An aggregate function the operator maintains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -364,30 +365,66 @@ impl HashAggregate {
         a.arg_type.is_integer() && a.arg2.as_ref().is_none_or(|(_, t)| t.is_integer())
     }
 
+    /// The argument arrays cast once per batch to what the accumulators
+    /// read: `Int64`/`Float64` for sums of integers/floats, the stored type
+    /// for value multisets (MIN, MAX, COUNT(DISTINCT)).
+    fn cast_args(&self, args: Vec<ArrayRef>) -> Result<Vec<ArrayRef>> {
+        args.into_iter()
+            .zip(self.aggs.iter().zip(&self.arg_sql_types))
+            .map(|(arr, (a, t))| {
+                let target = match (a.kind, t) {
+                    (AggKind::Sum | AggKind::Avg, _) if is_float(&a.arg_type) => {
+                        Some(DataType::Float64)
+                    }
+                    (AggKind::Sum | AggKind::Avg, _)
+                        if !matches!(a.arg_type, DataType::Decimal128(..)) =>
+                    {
+                        Some(DataType::Int64)
+                    }
+                    (_, Some(t)) => Some(t.arrow_type()),
+                    _ => None,
+                };
+                match target {
+                    Some(dt) if arr.data_type() != &dt && arr.data_type() != &DataType::Null => {
+                        Ok(cast(&arr, &dt)?)
+                    }
+                    _ => Ok(arr),
+                }
+            })
+            .collect()
+    }
+
+    /// Folds row `r` of the (cast) argument arrays into `s` with weight `w`.
     fn apply(
         &self,
         s: &mut GroupState,
-        args: &[ScalarValue],
-        args2: &[Option<ScalarValue>],
+        args: &[ArrayRef],
+        args2: &[Option<ArrayRef>],
+        r: usize,
         w: i64,
     ) -> Result<()> {
         s.rows += w;
         for (idx, (a, acc)) in self.aggs.iter().zip(&mut s.accs).enumerate() {
-            let v = &args[idx];
-            if v.is_null() || args2[idx].as_ref().is_some_and(|b| b.is_null()) {
+            let arr = args[idx].as_ref();
+            if null_at(arr, r) || args2[idx].as_ref().is_some_and(|b| null_at(b.as_ref(), r)) {
                 continue;
             }
             match acc {
-                Acc::Bools(t, f) => match v {
+                Acc::Count(c) => *c += w,
+                Acc::Bools(t, f) => match ScalarValue::try_from_array(arr, r)? {
                     ScalarValue::Boolean(Some(true)) => *t += w,
                     _ => *f += w,
                 },
                 Acc::Stats(n, i, f) => {
                     *n += w;
-                    let b = args2[idx].as_ref();
+                    let v = ScalarValue::try_from_array(arr, r)?;
+                    let b = match &args2[idx] {
+                        Some(b) => Some(ScalarValue::try_from_array(b.as_ref(), r)?),
+                        None => None,
+                    };
                     if self.exact_stats(a) {
-                        let x = as_i128(v)?;
-                        let y = match b {
+                        let x = as_i128(&v)?;
+                        let y = match &b {
                             Some(b) => as_i128(b)?,
                             None => 0,
                         };
@@ -404,8 +441,8 @@ impl HashAggregate {
                                 })?;
                         }
                     } else {
-                        let x = as_f64(v)?;
-                        let y = match b {
+                        let x = as_f64(&v)?;
+                        let y = match &b {
                             Some(b) => as_f64(b)?,
                             None => 0.0,
                         };
@@ -415,46 +452,51 @@ impl HashAggregate {
                         }
                     }
                 }
-                Acc::Count(c) => *c += w,
                 Acc::Sum(n, i, f) => {
                     *n += w;
-                    if is_float(&a.arg_type) {
-                        if let ScalarValue::Float64(Some(x)) = v.cast_to(&DataType::Float64)? {
-                            *f += x * w as f64;
+                    match arr.data_type() {
+                        DataType::Float64 => {
+                            *f += arr.as_primitive::<Float64Type>().value(r) * w as f64;
                         }
-                    } else {
-                        let x: i128 = match v {
-                            ScalarValue::Decimal128(Some(x), ..) => *x,
-                            other => match other.cast_to(&DataType::Int64)? {
-                                ScalarValue::Int64(Some(x)) => x as i128,
-                                _ => 0,
-                            },
-                        };
-                        *i = x
-                            .checked_mul(w as i128)
-                            .and_then(|d| i.checked_add(d))
-                            .ok_or_else(|| {
-                                Error::data(
-                                    crate::error::DataErrorKind::NumericOutOfRange,
-                                    "sum out of range",
-                                )
-                            })?;
+                        DataType::Int64 | DataType::Decimal128(..) => {
+                            let x: i128 = match arr.data_type() {
+                                DataType::Int64 => arr.as_primitive::<Int64Type>().value(r) as i128,
+                                _ => arr.as_primitive::<Decimal128Type>().value(r),
+                            };
+                            *i = x
+                                .checked_mul(w as i128)
+                                .and_then(|d| i.checked_add(d))
+                                .ok_or_else(|| {
+                                    Error::data(
+                                        crate::error::DataErrorKind::NumericOutOfRange,
+                                        "sum out of range",
+                                    )
+                                })?;
+                        }
+                        other => {
+                            return Err(Error::Internal(format!(
+                                "sum over {other} after the argument cast"
+                            )))
+                        }
                     }
                 }
                 Acc::Set(set) => {
                     let t = self.arg_sql_types[idx]
                         .as_ref()
                         .ok_or_else(|| Error::Internal("min/max without type".into()))?;
-                    let v = if v.data_type() == t.arrow_type() {
-                        v.clone()
-                    } else {
-                        v.cast_to(&t.arrow_type())?
-                    };
                     let mut enc = Vec::new();
-                    encode_value(&mut enc, t, &v)?;
-                    let entry = set.entry(enc.clone()).or_insert_with(|| (v, 0));
-                    entry.1 += w;
-                    if entry.1 == 0 {
+                    encode_cell(&mut enc, t, arr, r)?;
+                    let count = match set.get_mut(&enc) {
+                        Some(entry) => {
+                            entry.1 += w;
+                            entry.1
+                        }
+                        None => {
+                            set.insert(enc.clone(), (ScalarValue::try_from_array(arr, r)?, w));
+                            w
+                        }
+                    };
+                    if count == 0 {
                         set.remove(&enc);
                     }
                 }
@@ -462,6 +504,11 @@ impl HashAggregate {
         }
         Ok(())
     }
+}
+
+/// Whether row `r` of `arr` is NULL (a `Null`-typed array is all NULL).
+fn null_at(arr: &dyn Array, r: usize) -> bool {
+    arr.data_type() == &DataType::Null || arr.is_null(r)
 }
 
 fn as_i128(v: &ScalarValue) -> Result<i128> {
@@ -627,8 +674,19 @@ impl Operator for HashAggregate {
 
     fn process(&mut self, input: ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<ChangeBatch> {
         let n = input.len();
-        let groups = evaluate_all(&self.group_exprs, &input.data)?;
-        let args = evaluate_all(self.aggs.iter().map(|a| &a.arg), &input.data)?;
+        let groups = evaluate_all(&self.group_exprs, &input.data)?
+            .into_iter()
+            .zip(&self.group_types)
+            .map(|(g, t)| {
+                let dt = t.arrow_type();
+                if g.data_type() == &dt {
+                    Ok(g)
+                } else {
+                    Ok(cast(&g, &dt)?)
+                }
+            })
+            .collect::<Result<Vec<ArrayRef>>>()?;
+        let args = self.cast_args(evaluate_all(self.aggs.iter().map(|a| &a.arg), &input.data)?)?;
         let args2 = self
             .aggs
             .iter()
@@ -640,41 +698,26 @@ impl Operator for HashAggregate {
         // Group the delta's rows by encoded group key, in first-seen order.
         let mut touched: Vec<(Vec<u8>, Vec<ScalarValue>)> = Vec::new();
         let mut states: HashMap<Vec<u8>, (Option<GroupState>, GroupState)> = HashMap::new();
+        let mut key = Vec::new();
         for r in 0..n {
-            let mut key = Vec::new();
-            let mut key_values = Vec::with_capacity(groups.len());
+            key.clear();
             for (g, t) in groups.iter().zip(&self.group_types) {
-                let v = ScalarValue::try_from_array(g.as_ref(), r)?;
-                let v = if v.data_type() == t.arrow_type() {
-                    v
-                } else {
-                    v.cast_to(&t.arrow_type())?
-                };
-                encode_value(&mut key, t, &v)?;
-                key_values.push(v);
+                encode_cell(&mut key, t, g.as_ref(), r)?;
             }
-            if !states.contains_key(&key) {
+            if !states.contains_key(key.as_slice()) {
                 let old = self.load(ctx, &key)?;
                 let cur = old.clone().unwrap_or_else(|| self.empty_state());
-                states.insert(key.clone(), (old, cur));
+                let key_values = groups
+                    .iter()
+                    .map(|g| ScalarValue::try_from_array(g.as_ref(), r))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
                 touched.push((key.clone(), key_values));
+                states.insert(key.clone(), (old, cur));
             }
-            let row_args = args
-                .iter()
-                .map(|a| ScalarValue::try_from_array(a.as_ref(), r))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            let row_args2 = args2
-                .iter()
-                .map(|a| {
-                    a.as_ref()
-                        .map(|a| ScalarValue::try_from_array(a.as_ref(), r))
-                        .transpose()
-                })
-                .collect::<std::result::Result<Vec<_>, _>>()?;
             let (_, cur) = states
-                .get_mut(&key)
+                .get_mut(key.as_slice())
                 .ok_or_else(|| Error::Internal("group vanished".into()))?;
-            self.apply(cur, &row_args, &row_args2, input.weights.value(r))?;
+            self.apply(cur, &args, &args2, r, input.weights.value(r))?;
         }
         let global = self.group_exprs.is_empty();
         let mut out = Vec::new();

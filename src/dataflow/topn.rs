@@ -13,6 +13,7 @@
 //! partition: O(partition) per change, exact; recognising `rn <= n` to
 //! bound it is a later optimisation.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use datafusion::arrow::array::ArrayRef;
@@ -157,6 +158,7 @@ impl Operator for TopN {
         // output before the delta.
         let mut prefixes = Vec::with_capacity(n);
         let mut touched: Vec<Vec<u8>> = Vec::new();
+        let mut seen: HashSet<Vec<u8>> = HashSet::new();
         let mut diff: Vec<(Vec<ScalarValue>, i64)> = Vec::new();
         for r in 0..n {
             let mut prefix = table_prefix(self.state_id).to_vec();
@@ -169,7 +171,7 @@ impl Operator for TopN {
                 };
                 encode_value(&mut prefix, t, &v)?;
             }
-            if !touched.contains(&prefix) {
+            if seen.insert(prefix.clone()) {
                 diff.extend(
                     self.window(ctx, &prefix)?
                         .into_iter()

@@ -185,8 +185,57 @@ pub fn encode_row(
     row: usize,
 ) -> Result<()> {
     for (ty, arr) in types.iter().zip(arrays) {
-        let v = ScalarValue::try_from_array(arr.as_ref(), row)?;
-        encode_value(buf, ty, &v)?;
+        encode_cell(buf, ty, arr.as_ref(), row)?;
+    }
+    Ok(())
+}
+
+/// Appends the encoding of `arr[row]` — the same bytes as [`encode_value`]
+/// of that cell, without building a `ScalarValue` for the common types
+/// (this is the per-row hot path of every stateful operator).
+pub fn encode_cell(buf: &mut Vec<u8>, ty: &SqlType, arr: &dyn Array, row: usize) -> Result<()> {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::{
+        DataType, Date32Type, Int16Type, Int32Type, Int64Type, TimeUnit, TimestampMicrosecondType,
+    };
+    if arr.data_type() != &DataType::Null && arr.is_null(row) {
+        buf.push(NULL);
+        return Ok(());
+    }
+    match (ty, arr.data_type()) {
+        (SqlType::Int8, DataType::Int64) => {
+            buf.push(PRESENT);
+            put_i64_sized(buf, arr.as_primitive::<Int64Type>().value(row), 8);
+        }
+        (SqlType::Int4, DataType::Int32) => {
+            buf.push(PRESENT);
+            put_i64_sized(buf, arr.as_primitive::<Int32Type>().value(row) as i64, 4);
+        }
+        (SqlType::Int2, DataType::Int16) => {
+            buf.push(PRESENT);
+            put_i64_sized(buf, arr.as_primitive::<Int16Type>().value(row) as i64, 2);
+        }
+        (SqlType::Date, DataType::Date32) => {
+            buf.push(PRESENT);
+            put_i64_sized(buf, arr.as_primitive::<Date32Type>().value(row) as i64, 4);
+        }
+        (SqlType::Timestamp, DataType::Timestamp(TimeUnit::Microsecond, None)) => {
+            buf.push(PRESENT);
+            let v = arr.as_primitive::<TimestampMicrosecondType>().value(row);
+            put_i64_sized(buf, v, 8);
+        }
+        (SqlType::Text | SqlType::Varchar(_) | SqlType::Json | SqlType::Jsonb, DataType::Utf8) => {
+            buf.push(PRESENT);
+            put_bytes(buf, arr.as_string::<i32>().value(row).as_bytes());
+        }
+        (SqlType::Bool, DataType::Boolean) => {
+            buf.push(PRESENT);
+            buf.push(arr.as_boolean().value(row) as u8);
+        }
+        _ => {
+            let v = ScalarValue::try_from_array(arr, row)?;
+            encode_value(buf, ty, &v)?;
+        }
     }
     Ok(())
 }
