@@ -30,7 +30,7 @@ use tokio::sync::{broadcast, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use crate::catalog::{Catalog, CatalogEntry, Relation};
 use crate::config::Config;
-use crate::dataflow::operator::{OpCtx, Pipeline};
+use crate::dataflow::operator::{Layout, OpCtx, Pipeline};
 use crate::dataflow::TableChange;
 use crate::error::{Error, Result};
 use crate::query::SluiceSchema;
@@ -156,6 +156,13 @@ impl Engine {
                                 Error::Internal(format!("view \"{}\" lost its state ids", def.name))
                             })
                         },
+                        Some(if def.append_only {
+                            Layout::AppendOnly
+                        } else if def.key.is_empty() {
+                            Layout::Counted
+                        } else {
+                            Layout::Keyed(def.key.clone())
+                        }),
                     )?;
                     if planned.columns != def.columns {
                         return Err(Error::Internal(format!(
@@ -242,12 +249,13 @@ impl Engine {
     }
 
     /// The id whose changes feed a view reading relation `name` (a table,
-    /// a materialized view or a source).
-    pub fn source_id(&self, name: &str) -> Option<u32> {
+    /// a materialized view or a source), and whether those changes are
+    /// insert-only (a source, an append-only view).
+    pub fn source_id(&self, name: &str) -> Option<(u32, bool)> {
         match self.catalog.get(name)? {
-            Relation::Table(t) => Some(t.def.id),
-            Relation::MaterializedView(m) => Some(m.def.id),
-            Relation::Source(s) => Some(s.def.id),
+            Relation::Table(t) => Some((t.def.id, false)),
+            Relation::MaterializedView(m) => Some((m.def.id, m.def.append_only)),
+            Relation::Source(s) => Some((s.def.id, true)),
             Relation::View(_) => None,
         }
     }

@@ -56,6 +56,18 @@ const VIEWS: &[(&str, &str)] = &[
     ("oj2", "SELECT t2.k, t2.v, t1.id FROM t1 RIGHT JOIN t2 ON t1.id % 10 = t2.k"),
     ("oj3", "SELECT t1.id, t2.k, t2.v FROM t1 FULL JOIN t2 ON t1.a = t2.v"),
     (
+        "oj5",
+        "SELECT t1.id, t2.k, t2.v FROM t1 LEFT JOIN t2 ON t1.id % 10 = t2.k AND t2.v > t1.a",
+    ),
+    (
+        "oj6",
+        "SELECT t1.id, t1.a, t2.k, t2.v FROM t1 FULL JOIN t2 ON t1.id % 10 = t2.k AND t1.a < t2.v",
+    ),
+    (
+        "oj7",
+        "SELECT t2.k, t2.v, t1.b FROM t1 RIGHT JOIN t2 ON t1.id % 10 = t2.k AND t1.b <> 'b2'",
+    ),
+    (
         "oj4",
         "SELECT t1.b, count(t2.v) AS c, count(*) AS n FROM t1 LEFT JOIN t2 ON t1.id % 10 = t2.k GROUP BY t1.b",
     ),

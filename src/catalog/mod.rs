@@ -95,6 +95,11 @@ pub struct MvDef {
     /// planning order; dropped with the view.
     #[serde(default)]
     pub state_ids: Vec<u32>,
+    /// Rows are only ever inserted (the query reads sources through
+    /// filters, projections and inner joins): stored under hidden row ids,
+    /// without multiplicities.
+    #[serde(default)]
+    pub append_only: bool,
 }
 
 /// A source: an append-only stream that materialized views consume.
@@ -179,7 +184,7 @@ impl Table {
             },
             0,
         );
-        t.counted = def.key.is_empty();
+        t.counted = def.key.is_empty() && !def.append_only;
         t
     }
 
@@ -519,6 +524,8 @@ impl Catalog {
             } else if let Some(m) = state.mvs.get(name) {
                 batch.delete(sys_key(SYS_CATALOG, &m.def.id.to_be_bytes()));
                 for id in std::iter::once(m.def.id).chain(m.def.state_ids.iter().copied()) {
+                    // Row-id counters of append-only state, if any.
+                    batch.delete(sys_key(SYS_ROWID, &id.to_be_bytes()));
                     let prefix = table_prefix(id);
                     batch.delete_range(prefix.to_vec(), prefix_end(&prefix));
                 }

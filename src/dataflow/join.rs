@@ -2,7 +2,9 @@
 //!
 //! Each side's rows are kept in RocksDB, keyed by `state id · join key ·
 //! row` with the row's multiplicity, so the rows matching a key are one
-//! prefix scan. A delta is joined bilinearly, which is exact for any mix
+//! prefix scan. A side whose input never retracts (a source) is keyed by
+//! `state id · join key · row id` instead, with multiplicity 1: storing a
+//! row is then a write without a read. A delta is joined bilinearly, which is exact for any mix
 //! of inserts and deletes, and for self-joins:
 //!
 //! Δ(L ⋈ R) = ΔL ⋈ R_old  +  L_new ⋈ ΔR
@@ -13,12 +15,15 @@
 //! joins, a row without matches is emitted NULL-extended; when a key gains
 //! its first (or loses its last) row on one side, the other side's rows
 //! with that key swap their NULL-extended version for the joined ones (or
-//! back). Deltas are applied one row at a time against the current state of
-//! both sides, which is exact for any sequence of changes.
+//! back). An outer join's non-equality `ON` condition is part of matching:
+//! a pair matches only when it holds, and "first match" is counted per
+//! other-side row. Deltas are applied one row at a time against the current
+//! state of both sides, which is exact for any sequence of changes.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use datafusion::arrow::array::ArrayRef;
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::PhysicalExpr;
@@ -26,8 +31,9 @@ use datafusion::physical_expr::PhysicalExpr;
 use super::operator::{evaluate_all, OpCtx};
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::state::encoding::{decode_row, encode_row, encode_value, split_counted, table_prefix};
+use crate::state::store::{sys_key, SYS_ROWID};
 
 /// One side of a join.
 #[derive(Debug)]
@@ -40,6 +46,10 @@ pub struct JoinSide {
     pub key_types: Vec<SqlType>,
     /// Types of this side's columns.
     pub row_types: Vec<SqlType>,
+    /// The side's input never retracts (a source through filters and
+    /// projections): each row is stored under a fresh row id with count 1,
+    /// a blind write instead of a read-modify-write of its multiplicity.
+    pub append_only: bool,
 }
 
 /// An equi-join of two inputs: inner, or outer on either or both sides.
@@ -50,12 +60,19 @@ pub struct Join {
     schema: SchemaRef,
     left_outer: bool,
     right_outer: bool,
+    /// Non-equality `ON` condition of an outer join.
+    filter: Option<Arc<dyn PhysicalExpr>>,
+    /// Next row id of each append-only side (left, right), once read.
+    next_ids: [AtomicU64; 2],
 }
+
+/// `next_ids` value before the counter has been read from the store.
+const UNREAD: u64 = u64::MAX;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Side {
-    Left,
-    Right,
+    Left = 0,
+    Right = 1,
 }
 
 impl Join {
@@ -67,7 +84,50 @@ impl Join {
             schema,
             left_outer: false,
             right_outer: false,
+            filter: None,
+            next_ids: [AtomicU64::new(UNREAD), AtomicU64::new(UNREAD)],
         }
+    }
+
+    /// Whether this is an inner join (insert-only inputs then give
+    /// insert-only output).
+    pub fn is_inner(&self) -> bool {
+        !self.left_outer && !self.right_outer
+    }
+
+    /// Adds the non-equality part of an outer join's `ON` condition, over
+    /// the output schema: a pair only matches when it holds. (An inner
+    /// join's is a plain filter above the join instead.)
+    pub fn with_filter(mut self, filter: Arc<dyn PhysicalExpr>) -> Self {
+        self.filter = Some(filter);
+        self
+    }
+
+    /// Keeps the rows of `glued` (joined pairs) for which the filter holds
+    /// (all of them without a filter).
+    fn passing(&self, glued: Vec<(Vec<ScalarValue>, i64)>) -> Result<Vec<(Vec<ScalarValue>, i64)>> {
+        let Some(filter) = &self.filter else {
+            return Ok(glued);
+        };
+        if glued.is_empty() {
+            return Ok(glued);
+        }
+        let columns = (0..self.schema.fields().len())
+            .map(|j| ScalarValue::iter_to_array(glued.iter().map(|(row, _)| row[j].clone())))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let batch = RecordBatch::try_new_with_options(
+            self.schema.clone(),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(glued.len())),
+        )?;
+        let mask = filter.evaluate(&batch)?.into_array(glued.len())?;
+        let mask = mask.as_boolean();
+        Ok(glued
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| mask.is_valid(*i) && mask.value(*i))
+            .map(|(_, g)| g)
+            .collect())
     }
 
     /// Keeps unmatched left rows (LEFT/FULL JOIN) and/or unmatched right
@@ -93,8 +153,12 @@ impl Join {
             (false, true) => "RightJoin",
             (true, true) => "FullJoin",
         };
+        let filter = match &self.filter {
+            Some(f) => format!(" filter={f}"),
+            None => String::new(),
+        };
         format!(
-            "{kind}: on=[({}) = ({})] state=({}, {})",
+            "{kind}: on=[({}) = ({})]{filter} state=({}, {})",
             keys(&self.left),
             keys(&self.right),
             self.left.state_id,
@@ -144,6 +208,19 @@ impl Join {
         };
         let (me_nulls, other_nulls) = (nulls(&me.row_types)?, nulls(&other.row_types)?);
         let n = delta.len();
+        let counter = sys_key(SYS_ROWID, &me.state_id.to_be_bytes());
+        let mut next_id = match self.next_ids[side as usize].load(Ordering::Relaxed) {
+            UNREAD if me.append_only => match ctx.get(&counter)? {
+                Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
+                    Error::Storage(format!(
+                        "corrupt row id counter of join state {}",
+                        me.state_id
+                    ))
+                })?),
+                None => 0,
+            },
+            n => n,
+        };
         let keys = evaluate_all(&me.keys, &delta.data)?;
         let row_types: Vec<&SqlType> = me.row_types.iter().collect();
         let columns: Vec<&ArrayRef> = delta.data.columns().iter().collect();
@@ -175,16 +252,25 @@ impl Join {
                 }
                 continue;
             }
-            // Matches on the other side.
+            // Matches on the other side (pairs passing the ON filter).
             let mut prefix = table_prefix(other.state_id).to_vec();
             prefix.extend_from_slice(&key);
-            let mut matches = Vec::new();
+            let mut candidates = Vec::new();
             for (_, v) in ctx.scan_prefix(&prefix)? {
                 let (encoded, count) = split_counted(&v)?;
-                matches.push((decode_row(encoded, &other.row_types)?, count));
+                let o = decode_row(encoded, &other.row_types)?;
+                candidates.push((glue(&row, &o), count));
             }
-            for (o, c) in &matches {
-                out.push((glue(&row, o), w * c));
+            let matches = self.passing(candidates)?;
+            let split = |glued: &[ScalarValue]| -> Vec<ScalarValue> {
+                let mine = me.row_types.len();
+                match side {
+                    Side::Left => glued[mine..].to_vec(),
+                    Side::Right => glued[..glued.len() - mine].to_vec(),
+                }
+            };
+            for (g, c) in &matches {
+                out.push((g.clone(), w * c));
             }
             if matches.is_empty() && me_outer {
                 out.push((glue(&row, &other_nulls), w));
@@ -192,22 +278,29 @@ impl Join {
             let mut my_prefix = table_prefix(me.state_id).to_vec();
             my_prefix.extend_from_slice(&key);
             if other_outer && !matches.is_empty() {
-                // The other side's rows lose (or regain) their NULL
-                // extension when this key gains its first (or loses its
-                // last) row on this side.
-                let mut before = 0i64;
+                // An other-side row loses (or regains) its NULL extension
+                // when it gains its first (or loses its last) match on this
+                // side.
+                let mut mine = Vec::new();
                 for (_, v) in ctx.scan_prefix(&my_prefix)? {
-                    before += split_counted(&v)?.1;
+                    let (encoded, count) = split_counted(&v)?;
+                    mine.push((decode_row(encoded, &me.row_types)?, count));
                 }
-                let after = before + w;
-                let flip = match (before > 0, after > 0) {
-                    (false, true) => -1,
-                    (true, false) => 1,
-                    _ => 0,
-                };
-                if flip != 0 {
-                    for (o, c) in &matches {
-                        out.push((glue(&me_nulls, o), flip * c));
+                for (g, c) in &matches {
+                    let o = split(g);
+                    let before: i64 = self
+                        .passing(mine.iter().map(|(y, n)| (glue(y, &o), *n)).collect())?
+                        .iter()
+                        .map(|(_, n)| n)
+                        .sum();
+                    let after = before + w;
+                    let flip = match (before > 0, after > 0) {
+                        (false, true) => -1,
+                        (true, false) => 1,
+                        _ => 0,
+                    };
+                    if flip != 0 {
+                        out.push((glue(&me_nulls, &o), flip * c));
                     }
                 }
             }
@@ -215,8 +308,26 @@ impl Join {
             let mut encoded = Vec::new();
             encode_row(&mut encoded, &row_types, &columns, r)?;
             let mut state_key = my_prefix;
-            state_key.extend_from_slice(&encoded);
-            ctx.add_count(state_key, encoded, w)?;
+            if me.append_only {
+                if w < 0 {
+                    return Err(Error::Internal(format!(
+                        "append-only join input {} retracted a row",
+                        me.state_id
+                    )));
+                }
+                state_key.extend_from_slice(&next_id.to_be_bytes());
+                next_id += 1;
+                encoded.extend_from_slice(&(w as u64).to_be_bytes());
+                ctx.put(state_key, encoded);
+            } else {
+                state_key.extend_from_slice(&encoded);
+                ctx.add_count(state_key, encoded, w)?;
+            }
+        }
+        if me.append_only {
+            ctx.put(counter, next_id.to_be_bytes().to_vec());
+            // An abandoned commit skips these ids; it never reuses them.
+            self.next_ids[side as usize].store(next_id, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -244,6 +355,7 @@ mod tests {
             keys: vec![col(key, s).unwrap()],
             key_types: vec![SqlType::Int8],
             row_types: vec![SqlType::Int8, SqlType::Text],
+            append_only: false,
         };
         let out = Arc::new(Schema::new(
             l.fields()

@@ -19,7 +19,8 @@ use rocksdb::WriteBatch;
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
 use crate::error::{Error, Result};
-use crate::state::encoding::{encode_row, split_counted, table_prefix};
+use crate::state::encoding::{encode_cell, encode_row, split_counted, table_prefix};
+use crate::state::store::{sys_key, SYS_ROWID};
 use crate::state::Store;
 
 /// What an operator sees of storage during one commit: committed state in
@@ -121,6 +122,17 @@ impl<'a> OpCtx<'a> {
         self.staged.insert(key, Some(value));
     }
 
+    /// Stages a put of a key no operator reads back in this commit (an
+    /// append-only view's new row): skips the read overlay.
+    pub fn put_blind(&mut self, key: &[u8], value: &[u8]) {
+        self.batch.put(key, value);
+    }
+
+    /// Stages a delete of a key no operator reads back in this commit.
+    pub fn delete_blind(&mut self, key: &[u8]) {
+        self.batch.delete(key);
+    }
+
     /// Stages a delete.
     pub fn delete(&mut self, key: Vec<u8>) {
         self.batch.delete(&key);
@@ -155,6 +167,13 @@ pub trait Operator: Send + Sync + std::fmt::Debug {
     fn initial_output(&self) -> Result<Option<ChangeBatch>> {
         Ok(None)
     }
+
+    /// Whether insert-only input gives insert-only output (true for
+    /// row-at-a-time operators; false for anything that retracts output it
+    /// emitted earlier, like an aggregate).
+    fn preserves_append_only(&self) -> bool {
+        false
+    }
 }
 
 /// `WHERE`: keeps the rows (and their weights) whose predicate is true.
@@ -172,6 +191,10 @@ impl Filter {
 }
 
 impl Operator for Filter {
+    fn preserves_append_only(&self) -> bool {
+        true
+    }
+
     fn schema(&self) -> SchemaRef {
         self.schema.clone()
     }
@@ -221,6 +244,10 @@ impl Project {
 }
 
 impl Operator for Project {
+    fn preserves_append_only(&self) -> bool {
+        true
+    }
+
     fn schema(&self) -> SchemaRef {
         self.schema.clone()
     }
@@ -262,20 +289,122 @@ impl Operator for Project {
     }
 }
 
-/// Stores a view's rows, keyed by the whole row with a multiplicity:
-/// applying a delta adds weights; a row whose count reaches zero is deleted.
-/// Its output is the (consolidated) delta of the stored relation.
+/// Stores a view's rows.
+///
+/// Keyed by the whole row with a multiplicity: applying a delta adds
+/// weights; a row whose count reaches zero is deleted. Its output is the
+/// (consolidated) delta of the stored relation.
+///
+/// Two cheaper layouts apply when the planner can prove more (see
+/// [`Layout`]): an append-only view stores each row under a hidden row id
+/// (one blind write per row, no read), and a view with a unique key (the
+/// GROUP BY columns of an aggregate) stores one row per key, so a lookup by
+/// that key is a point read and an update is a delete and a put.
 #[derive(Debug)]
 pub struct Materialize {
     id: u32,
     types: Vec<SqlType>,
     schema: SchemaRef,
+    layout: Layout,
+    /// Next row id of an append-only view, once read from the store.
+    next_row_id: Option<u64>,
+}
+
+/// How a view's rows are keyed in RocksDB.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Layout {
+    /// By the whole row, with a multiplicity (duplicates allowed).
+    Counted,
+    /// By a hidden row id: the input never retracts (a source through
+    /// filters, projections and inner joins); the counter is staged with
+    /// the rows, like a table without a primary key.
+    AppendOnly,
+    /// By these output columns, which are unique: like a table's primary
+    /// key.
+    Keyed(Vec<usize>),
 }
 
 impl Materialize {
     /// Materializes rows of `schema` (column types `types`) under `id`.
-    pub fn new(id: u32, types: Vec<SqlType>, schema: SchemaRef) -> Self {
-        Materialize { id, types, schema }
+    pub fn new(id: u32, types: Vec<SqlType>, schema: SchemaRef, layout: Layout) -> Self {
+        Materialize {
+            id,
+            types,
+            schema,
+            layout,
+            next_row_id: None,
+        }
+    }
+
+    /// Applies a consolidated delta of a keyed view: every key has at most
+    /// one row, so −1 is a delete and +1 a put (deletes first: an update of
+    /// a key is both).
+    fn upsert(&self, delta: &ChangeBatch, key_cols: &[usize], ctx: &mut OpCtx<'_>) -> Result<()> {
+        let arrays: Vec<&ArrayRef> = delta.data.columns().iter().collect();
+        let mut puts: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        for r in 0..delta.len() {
+            let mut key = table_prefix(self.id).to_vec();
+            for &c in key_cols {
+                encode_cell(&mut key, &self.types[c], arrays[c].as_ref(), r)?;
+            }
+            match delta.weights.value(r) {
+                -1 => ctx.delete_blind(&key),
+                1 => {
+                    let mut row = Vec::new();
+                    let types: Vec<&SqlType> = self.types.iter().collect();
+                    encode_row(&mut row, &types, &arrays, r)?;
+                    puts.push((key, row));
+                }
+                w => {
+                    return Err(Error::Internal(format!(
+                        "keyed view {} got weight {w} for one key",
+                        self.id
+                    )))
+                }
+            }
+        }
+        for (k, v) in puts {
+            ctx.put_blind(&k, &v);
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, input: &ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<()> {
+        let counter = sys_key(SYS_ROWID, &self.id.to_be_bytes());
+        let mut next = match self.next_row_id {
+            Some(n) => n,
+            None => match ctx.get(&counter)? {
+                Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
+                    Error::Storage(format!("corrupt row id counter of view {}", self.id))
+                })?),
+                None => 0,
+            },
+        };
+        let types: Vec<&SqlType> = self.types.iter().collect();
+        let arrays: Vec<&ArrayRef> = input.data.columns().iter().collect();
+        let mut key = table_prefix(self.id).to_vec();
+        let mut row = Vec::new();
+        for r in 0..input.len() {
+            let w = input.weights.value(r);
+            if w < 0 {
+                return Err(Error::Internal(format!(
+                    "append-only view {} received a retraction",
+                    self.id
+                )));
+            }
+            row.clear();
+            encode_row(&mut row, &types, &arrays, r)?;
+            for _ in 0..w {
+                key.truncate(4);
+                key.extend_from_slice(&next.to_be_bytes());
+                next += 1;
+                ctx.put_blind(&key, &row);
+            }
+        }
+        ctx.put(counter, next.to_be_bytes().to_vec());
+        // If this commit is abandoned the ids are skipped, never reused.
+        self.next_row_id = Some(next);
+        Ok(())
     }
 }
 
@@ -291,15 +420,31 @@ impl Operator for Materialize {
             .iter()
             .map(|f| f.name().as_str())
             .collect();
+        let layout = match &self.layout {
+            Layout::Counted => "counted".to_string(),
+            Layout::AppendOnly => "append-only".to_string(),
+            Layout::Keyed(k) => format!(
+                "keyed by ({})",
+                k.iter().map(|&i| cols[i]).collect::<Vec<_>>().join(", ")
+            ),
+        };
         format!(
-            "Materialize: id={} rows=({}) counted",
+            "Materialize: id={} rows=({}) {layout}",
             self.id,
-            cols.join(", ")
+            cols.join(", "),
         )
     }
 
     fn process(&mut self, input: ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<ChangeBatch> {
+        if self.layout == Layout::AppendOnly {
+            self.append(&input, ctx)?;
+            return Ok(input);
+        }
         let delta = input.consolidate()?;
+        if let Layout::Keyed(cols) = &self.layout {
+            self.upsert(&delta, cols, ctx)?;
+            return Ok(delta);
+        }
         let types: Vec<&SqlType> = self.types.iter().collect();
         let arrays: Vec<&ArrayRef> = delta.data.columns().iter().collect();
         for r in 0..delta.len() {
@@ -344,6 +489,18 @@ pub enum Node {
 }
 
 impl Node {
+    /// Whether the node's output is insert-only, given which sources are.
+    pub fn append_only(&self, source: &dyn Fn(u32) -> bool) -> bool {
+        match self {
+            Node::Source(id) => source(*id),
+            Node::Unary { op, input } => op.preserves_append_only() && input.append_only(source),
+            Node::Union { inputs, .. } => inputs.iter().all(|i| i.append_only(source)),
+            Node::Join { op, left, right } => {
+                op.is_inner() && left.append_only(source) && right.append_only(source)
+            }
+        }
+    }
+
     fn sources(&self, out: &mut Vec<u32>) {
         match self {
             Node::Source(id) => {
@@ -576,7 +733,12 @@ mod tests {
         let s = schema();
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), false).unwrap();
-        let mut m = Materialize::new(9, vec![SqlType::Int8, SqlType::Text], s.clone());
+        let mut m = Materialize::new(
+            9,
+            vec![SqlType::Int8, SqlType::Text],
+            s.clone(),
+            Layout::Counted,
+        );
         let mut step = |text: &str| {
             let mut batch = WriteBatch::default();
             let out = {

@@ -29,7 +29,7 @@ use crate::catalog::types::SqlType;
 use crate::catalog::ColumnDef;
 use crate::dataflow::aggregate::{AggKind, AggSpec, HashAggregate, StatFn};
 use crate::dataflow::join::{Join, JoinSide};
-use crate::dataflow::operator::{Filter, Materialize, Node, Operator, Pipeline, Project};
+use crate::dataflow::operator::{Filter, Layout, Materialize, Node, Operator, Pipeline, Project};
 use crate::dataflow::topn::{SortKey, TopN, TopNMode};
 use crate::error::{Error, Result};
 
@@ -42,23 +42,31 @@ pub struct PlannedView {
     pub sources: Vec<(u32, String)>,
     /// The view's columns.
     pub columns: Vec<ColumnDef>,
+    /// Its input can never retract a row (see [`Materialize`]).
+    pub append_only: bool,
+    /// Output columns that are a unique key (empty: none known).
+    pub key: Vec<usize>,
 }
 
 /// Plans the maintenance of view `id` from its optimized query plan.
 /// `resolve` maps a relation name to the object id whose changes feed it
-/// (tables and materialized views; `None` for anything else). `names`
+/// (tables, sources and materialized views; `None` for anything else) and
+/// whether those changes are insert-only (sources, append-only views). `names`
 /// overrides output column names (PostgreSQL's, derived from the AST).
+/// `stored_layout` is the layout of a view being restored.
 pub fn plan_view(
     plan: &LogicalPlan,
     id: u32,
     names: Option<&[String]>,
-    resolve: &dyn Fn(&str) -> Option<u32>,
+    resolve: &dyn Fn(&str) -> Option<(u32, bool)>,
     state_ids: &mut dyn FnMut() -> Result<u32>,
+    stored_layout: Option<Layout>,
 ) -> Result<PlannedView> {
     let mut cx = Walk {
         resolve,
         state_ids,
         sources: Vec::new(),
+        append_only: Vec::new(),
     };
     let mut root = walk(plan, &mut cx)?;
     let out = plan.schema().as_arrow().clone();
@@ -98,12 +106,58 @@ pub fn plan_view(
         root = unary(Project::new(exprs, schema.clone()), root);
     }
     let types = columns.iter().map(|c| c.ty.clone()).collect();
-    root = unary(Materialize::new(id, types, schema), root);
+    let append_only = root.append_only(&|id| cx.append_only.contains(&id));
+    let key = if append_only {
+        vec![]
+    } else {
+        unique_key(plan).unwrap_or_default()
+    };
+    // A view re-planned at startup keeps the layout its rows were stored
+    // in (a view created by an older Sluice may predate a layout).
+    let layout = stored_layout.unwrap_or(match (append_only, key.is_empty()) {
+        (true, _) => Layout::AppendOnly,
+        (false, false) => Layout::Keyed(key.clone()),
+        (false, true) => Layout::Counted,
+    });
+    root = unary(Materialize::new(id, types, schema, layout), root);
     Ok(PlannedView {
         pipeline: Pipeline::new(id, root),
         sources: cx.sources,
         columns,
+        append_only,
+        key,
     })
+}
+
+/// Output columns of `plan` that form a unique key: the GROUP BY columns of
+/// a top-level aggregate, followed up through filters and projections that
+/// keep them as plain columns. `None` when there is no such key.
+fn unique_key(plan: &LogicalPlan) -> Option<Vec<usize>> {
+    match plan {
+        LogicalPlan::Aggregate(a) if !a.group_expr.is_empty() => {
+            Some((0..a.group_expr.len()).collect())
+        }
+        LogicalPlan::Filter(f) => unique_key(&f.input),
+        LogicalPlan::SubqueryAlias(s) => unique_key(&s.input),
+        LogicalPlan::Sort(s) if s.fetch.is_none() => unique_key(&s.input),
+        LogicalPlan::Projection(p) => {
+            let inner = unique_key(&p.input)?;
+            let input = p.input.schema();
+            inner
+                .iter()
+                .map(|&k| {
+                    let (qualifier, field) = input.qualified_field(k);
+                    p.expr.iter().position(|e| match strip_alias(e) {
+                        Expr::Column(c) => {
+                            c.name == *field.name() && c.relation.as_ref() == qualifier
+                        }
+                        _ => false,
+                    })
+                })
+                .collect()
+        }
+        _ => None,
+    }
 }
 
 fn physical(e: &Expr, schema: &DFSchema) -> Result<Arc<dyn PhysicalExpr>> {
@@ -116,9 +170,11 @@ fn physical(e: &Expr, schema: &DFSchema) -> Result<Arc<dyn PhysicalExpr>> {
 }
 
 struct Walk<'a> {
-    resolve: &'a dyn Fn(&str) -> Option<u32>,
+    resolve: &'a dyn Fn(&str) -> Option<(u32, bool)>,
     state_ids: &'a mut dyn FnMut() -> Result<u32>,
     sources: Vec<(u32, String)>,
+    /// Ids of the insert-only relations read.
+    append_only: Vec<u32>,
 }
 
 fn unary(op: impl Operator + 'static, input: Node) -> Node {
@@ -208,7 +264,7 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
                 ));
             }
             let name = scan.table_name.table().to_string();
-            let id = (cx.resolve)(&name).ok_or_else(|| {
+            let (id, append_only) = (cx.resolve)(&name).ok_or_else(|| {
                 Error::unsupported(format!(
                     "a materialized view cannot read \"{}\"; only tables, sources and materialized views",
                     scan.table_name
@@ -216,6 +272,9 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
             })?;
             if !cx.sources.iter().any(|(i, _)| *i == id) {
                 cx.sources.push((id, name));
+            }
+            if append_only && !cx.append_only.contains(&id) {
+                cx.append_only.push(id);
             }
             let full = scan.source.schema();
             // Filters pushed into the scan need no operator here: our table
@@ -257,11 +316,6 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
                     )))
                 }
             };
-            if (left_outer || right_outer) && j.filter.is_some() {
-                return Err(Error::unsupported(
-                    "an outer join with a non-equality ON condition is not supported in a materialized view yet",
-                ));
-            }
             if j.null_equality != NullEquality::NullEqualsNothing {
                 return Err(Error::unsupported(
                     "joins where NULL equals NULL are not supported in a materialized view yet",
@@ -269,6 +323,8 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
             }
             let left = walk(&j.left, cx)?;
             let right = walk(&j.right, cx)?;
+            let insert_only = |n: &Node| n.append_only(&|id| cx.append_only.contains(&id));
+            let (left_append, right_append) = (insert_only(&left), insert_only(&right));
             let (ls, rs) = (j.left.schema(), j.right.schema());
             let mut left_keys = Vec::new();
             let mut right_keys = Vec::new();
@@ -294,22 +350,31 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
                     keys: left_keys,
                     key_types: key_types.clone(),
                     row_types: sql_types(ls)?,
+                    append_only: left_append,
                 },
                 JoinSide {
                     state_id: (cx.state_ids)()?,
                     keys: right_keys,
                     key_types,
                     row_types: sql_types(rs)?,
+                    append_only: right_append,
                 },
                 Arc::new(j.schema.as_arrow().clone()),
             )
             .with_outer(left_outer, right_outer);
+            let outer = left_outer || right_outer;
+            // An outer join's extra ON condition decides what matches (and
+            // so what is NULL-extended); an inner join's is a plain filter.
+            let join = match (&j.filter, outer) {
+                (Some(f), true) => join.with_filter(physical(f, &j.schema)?),
+                _ => join,
+            };
             let mut node = Node::Join {
                 op: Box::new(join),
                 left: Box::new(left),
                 right: Box::new(right),
             };
-            if let Some(filter) = &j.filter {
+            if let (Some(filter), false) = (&j.filter, outer) {
                 node = unary(
                     Filter::new(
                         physical(filter, &j.schema)?,

@@ -87,11 +87,14 @@ pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
             state_ids.push(sid);
             Ok(sid)
         },
+        None,
     )?;
     let PlannedView {
         mut pipeline,
         sources,
         columns,
+        append_only,
+        key,
     } = planned;
 
     // Backfill: each source's current rows, as one insertion delta each
@@ -131,8 +134,9 @@ pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
         sql: cv.query.to_string(),
         depends_on: referenced_relations(engine, &cv.query),
         columns,
-        key: vec![],
+        key,
         state_ids,
+        append_only,
     };
     engine.catalog.stage_mv(&def, &mut batch)?;
     engine.apply(batch).await?;
@@ -155,6 +159,7 @@ pub async fn explain(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
             next += 1;
             Ok(next)
         },
+        None,
     )?;
     let mut lines = planned.pipeline.explain();
     for (id, name) in &planned.sources {
