@@ -8,10 +8,11 @@
 //! then the value's encoding, bit-inverted for DESC), so the first rows of
 //! a partition's key range are the result. For each partition a delta
 //! touches, the operator reads the window (offset + limit rows, or for
-//! ROW_NUMBER the whole partition with each row's number) before and after
-//! applying it and emits the difference. ROW_NUMBER re-reads the touched
-//! partition: O(partition) per change, exact; recognising `rn <= n` to
-//! bound it is a later optimisation.
+//! ROW_NUMBER the partition with each row's number) before and after
+//! applying it and emits the difference. When the planner sees a filter
+//! `rn <= n` (or `rn < n + 1`, `rn = n`) right above, ROW_NUMBER reads only
+//! the first n rows of a partition; otherwise it re-reads the whole touched
+//! partition (O(partition) per change, exact).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -24,8 +25,9 @@ use datafusion::physical_expr::PhysicalExpr;
 use super::operator::{evaluate_all, OpCtx, Operator};
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::state::encoding::{decode_row, encode_row, encode_value, split_counted, table_prefix};
+use crate::state::store::{sys_key, SYS_ROWID};
 
 /// One ORDER BY term.
 #[derive(Debug)]
@@ -50,8 +52,14 @@ pub enum TopNMode {
         /// Rows kept.
         limit: usize,
     },
-    /// Every row, with its 1-based position appended (`ROW_NUMBER()`).
-    RowNumber,
+    /// Rows with their 1-based position appended (`ROW_NUMBER()`): all of
+    /// them, or — when a filter above keeps only `rn <= limit` — the first
+    /// `limit`, which bounds the work per change by `limit`, not by the
+    /// partition's size.
+    RowNumber {
+        /// Positions kept.
+        limit: Option<usize>,
+    },
 }
 
 /// The top-N / row-number operator.
@@ -63,9 +71,21 @@ pub struct TopN {
     row_types: Vec<SqlType>,
     mode: TopNMode,
     schema: SchemaRef,
+    /// The input never retracts: rows are stored under `sort key · row id`
+    /// with multiplicity 1 (a write without a read). Ties then keep
+    /// arrival order, which SQL leaves unspecified anyway.
+    append_only: bool,
+    /// Next row id (append-only), once read from the store.
+    next_row_id: Option<u64>,
 }
 
 impl TopN {
+    /// Marks the input as insert-only (see the `append_only` field).
+    pub fn with_append_only(mut self, append_only: bool) -> Self {
+        self.append_only = append_only;
+        self
+    }
+
     /// Input rows ordered by `keys` within each `partition`, output per
     /// `mode`, producing `schema`.
     pub fn new(
@@ -83,6 +103,8 @@ impl TopN {
             row_types,
             mode,
             schema,
+            append_only: false,
+            next_row_id: None,
         }
     }
 
@@ -90,9 +112,9 @@ impl TopN {
     fn window(&self, ctx: &OpCtx<'_>, prefix: &[u8]) -> Result<Vec<(Vec<ScalarValue>, i64)>> {
         let (offset, want, numbered) = match self.mode {
             TopNMode::Limit { offset, limit } => (offset, offset + limit, false),
-            TopNMode::RowNumber => (0, usize::MAX, true),
+            TopNMode::RowNumber { limit } => (0, limit.unwrap_or(usize::MAX), true),
         };
-        let entries = if numbered {
+        let entries = if want == usize::MAX {
             ctx.scan_prefix(prefix)?
         } else {
             ctx.scan_prefix_first(prefix, want)?
@@ -141,7 +163,8 @@ impl Operator for TopN {
         let parts: Vec<String> = self.partition.iter().map(|(e, _)| e.to_string()).collect();
         let mode = match self.mode {
             TopNMode::Limit { offset, limit } => format!("offset={offset} limit={limit}"),
-            TopNMode::RowNumber => "row_number".to_string(),
+            TopNMode::RowNumber { limit: None } => "row_number".to_string(),
+            TopNMode::RowNumber { limit: Some(n) } => format!("row_number <= {n}"),
         };
         format!(
             "TopN: state={} partition=[{}] order=[{}] {mode}",
@@ -181,6 +204,17 @@ impl Operator for TopN {
             }
             prefixes.push(prefix);
         }
+        let counter = sys_key(SYS_ROWID, &self.state_id.to_be_bytes());
+        let mut next_id = match self.next_row_id {
+            Some(n) => n,
+            None if self.append_only => match ctx.get(&counter)? {
+                Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
+                    Error::Storage(format!("corrupt row id counter of top-N {}", self.state_id))
+                })?),
+                None => 0,
+            },
+            None => 0,
+        };
         let key_arrays = evaluate_all(self.keys.iter().map(|k| &k.expr), &input.data)?;
         let row_types: Vec<&SqlType> = self.row_types.iter().collect();
         let columns: Vec<&ArrayRef> = input.data.columns().iter().collect();
@@ -207,8 +241,27 @@ impl Operator for TopN {
             }
             let mut row = Vec::new();
             encode_row(&mut row, &row_types, &columns, r)?;
-            key.extend_from_slice(&row);
-            ctx.add_count(key, row, input.weights.value(r))?;
+            let w = input.weights.value(r);
+            if self.append_only {
+                if w < 0 {
+                    return Err(Error::Internal(format!(
+                        "append-only top-N input {} retracted a row",
+                        self.state_id
+                    )));
+                }
+                key.extend_from_slice(&next_id.to_be_bytes());
+                next_id += 1;
+                row.extend_from_slice(&(w as u64).to_be_bytes());
+                ctx.put(key, row);
+            } else {
+                key.extend_from_slice(&row);
+                ctx.add_count(key, row, w)?;
+            }
+        }
+        if self.append_only {
+            ctx.put(counter, next_id.to_be_bytes().to_vec());
+            // An abandoned commit skips these ids; it never reuses them.
+            self.next_row_id = Some(next_id);
         }
         for prefix in &touched {
             diff.extend(self.window(ctx, prefix)?);
@@ -299,7 +352,7 @@ mod tests {
             vec![(col("g", &s).unwrap(), SqlType::Text)],
             vec![key(false)],
             vec![SqlType::Text, SqlType::Int8],
-            TopNMode::RowNumber,
+            TopNMode::RowNumber { limit: None },
             out_schema,
         );
         let out = run(

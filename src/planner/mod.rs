@@ -207,7 +207,10 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
             ))
         }
         LogicalPlan::Filter(f) => {
-            let input = walk(&f.input, cx)?;
+            let input = match f.input.as_ref() {
+                LogicalPlan::Window(w) => row_number(w, cx, row_number_bound(&f.predicate, w))?,
+                _ => walk(&f.input, cx)?,
+            };
             let pred = physical(&f.predicate, f.input.schema())?;
             Ok(unary(
                 Filter::new(pred, Arc::new(f.input.schema().as_arrow().clone())),
@@ -215,7 +218,7 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
             ))
         }
         LogicalPlan::SubqueryAlias(a) => walk(&a.input, cx),
-        LogicalPlan::Window(w) => row_number(w, cx),
+        LogicalPlan::Window(w) => row_number(w, cx, None),
         LogicalPlan::Limit(limit) => {
             let (skip, fetch) = match (limit.get_skip_type()?, limit.get_fetch_type()?) {
                 (SkipType::Literal(s), FetchType::Literal(f)) => (s, f),
@@ -494,6 +497,7 @@ fn top_n(
     let in_schema = sort.input.schema();
     let keys = sort_keys(&sort.expr, in_schema)?;
     let state_id = (cx.state_ids)()?;
+    let append_only = input.append_only(&|id| cx.append_only.contains(&id));
     Ok(unary(
         TopN::new(
             state_id,
@@ -505,7 +509,8 @@ fn top_n(
                 limit: fetch,
             },
             Arc::new(in_schema.as_arrow().clone()),
-        ),
+        )
+        .with_append_only(append_only),
         input,
     ))
 }
@@ -528,7 +533,51 @@ fn sort_keys(
 
 /// `ROW_NUMBER() OVER (PARTITION BY … ORDER BY …)`: the only window
 /// function maintained so far.
-fn row_number(w: &datafusion::logical_expr::Window, cx: &mut Walk<'_>) -> Result<Node> {
+/// The `n` of a filter `rn <= n` (`rn < n + 1`, `rn = n`) on the window's
+/// output column: only positions up to `n` can pass it.
+fn row_number_bound(predicate: &Expr, w: &datafusion::logical_expr::Window) -> Option<usize> {
+    use datafusion::logical_expr::{BinaryExpr, Operator as Op};
+    let rn = w.schema.fields().last()?.name().clone();
+    let mut bound = None;
+    for conj in datafusion::logical_expr::utils::split_conjunction(predicate) {
+        let Expr::BinaryExpr(BinaryExpr { left, op, right }) = conj else {
+            continue;
+        };
+        let (Expr::Column(c), Expr::Literal(v, _)) = (strip_cast(left), strip_cast(right)) else {
+            continue;
+        };
+        if c.name != rn {
+            continue;
+        }
+        let Ok(datafusion::common::ScalarValue::UInt64(Some(n))) =
+            v.cast_to(&datafusion::arrow::datatypes::DataType::UInt64)
+        else {
+            continue;
+        };
+        let n = usize::try_from(n).ok()?;
+        let b = match op {
+            Op::LtEq | Op::Eq => n,
+            Op::Lt => n.saturating_sub(1),
+            _ => continue,
+        };
+        bound = Some(bound.map_or(b, |x: usize| x.min(b)));
+    }
+    bound
+}
+
+fn strip_cast(e: &Expr) -> &Expr {
+    match e {
+        Expr::Cast(c) => strip_cast(&c.expr),
+        Expr::TryCast(c) => strip_cast(&c.expr),
+        other => other,
+    }
+}
+
+fn row_number(
+    w: &datafusion::logical_expr::Window,
+    cx: &mut Walk<'_>,
+    limit: Option<usize>,
+) -> Result<Node> {
     use datafusion::logical_expr::expr::{WindowFunction, WindowFunctionParams};
     let [e] = w.window_expr.as_slice() else {
         return Err(Error::unsupported(
@@ -571,15 +620,17 @@ fn row_number(w: &datafusion::logical_expr::Window, cx: &mut Walk<'_>) -> Result
         .collect::<Result<Vec<_>>>()?;
     let keys = sort_keys(order_by, in_schema)?;
     let state_id = (cx.state_ids)()?;
+    let append_only = input.append_only(&|id| cx.append_only.contains(&id));
     Ok(unary(
         TopN::new(
             state_id,
             partition,
             keys,
             sql_types(in_schema)?,
-            TopNMode::RowNumber,
+            TopNMode::RowNumber { limit },
             Arc::new(w.schema.as_arrow().clone()),
-        ),
+        )
+        .with_append_only(append_only),
         input,
     ))
 }
