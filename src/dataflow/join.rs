@@ -20,11 +20,13 @@
 //! other-side row. Deltas are applied one row at a time against the current
 //! state of both sides, which is exact for any sequence of changes.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions};
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::PhysicalExpr;
 
@@ -32,7 +34,7 @@ use super::operator::{evaluate_all, OpCtx};
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
 use crate::error::{Error, Result};
-use crate::state::encoding::{decode_row, encode_row, encode_value, split_counted, table_prefix};
+use crate::state::encoding::{decode_row, encode_cell, encode_row, split_counted, table_prefix};
 use crate::state::store::{sys_key, SYS_ROWID};
 
 /// One side of a join.
@@ -221,7 +223,20 @@ impl Join {
             },
             n => n,
         };
-        let keys = evaluate_all(&me.keys, &delta.data)?;
+        // Key arrays in the key types, cast once per delta.
+        let keys = evaluate_all(&me.keys, &delta.data)?
+            .into_iter()
+            .zip(&me.key_types)
+            .map(|(k, t)| {
+                let dt = t.arrow_type();
+                if k.data_type() == &dt || k.data_type() == &DataType::Null {
+                    Ok(k)
+                } else {
+                    Ok(cast(&k, &dt)?)
+                }
+            })
+            .collect::<Result<Vec<ArrayRef>>>()?;
+        let mut other_rows: HashMap<Vec<u8>, Vec<(Vec<ScalarValue>, i64)>> = HashMap::new();
         let row_types: Vec<&SqlType> = me.row_types.iter().collect();
         let columns: Vec<&ArrayRef> = delta.data.columns().iter().collect();
         for r in 0..n {
@@ -233,17 +248,11 @@ impl Join {
             let mut key = Vec::new();
             let mut null_key = false;
             for (k, t) in keys.iter().zip(&me.key_types) {
-                let v = ScalarValue::try_from_array(k.as_ref(), r)?;
-                if v.is_null() {
+                if k.data_type() == &DataType::Null || k.is_null(r) {
                     null_key = true;
                     break;
                 }
-                let v = if v.data_type() == t.arrow_type() {
-                    v
-                } else {
-                    v.cast_to(&t.arrow_type())?
-                };
-                encode_value(&mut key, t, &v)?;
+                encode_cell(&mut key, t, k.as_ref(), r)?;
             }
             if null_key {
                 // Never matches; an outer side keeps it, NULL-extended.
@@ -253,14 +262,22 @@ impl Join {
                 continue;
             }
             // Matches on the other side (pairs passing the ON filter).
-            let mut prefix = table_prefix(other.state_id).to_vec();
-            prefix.extend_from_slice(&key);
-            let mut candidates = Vec::new();
-            for (_, v) in ctx.scan_prefix(&prefix)? {
-                let (encoded, count) = split_counted(&v)?;
-                let o = decode_row(encoded, &other.row_types)?;
-                candidates.push((glue(&row, &o), count));
+            // This delta only changes this side's state, so the other
+            // side's rows for a key are read once per delta, not per row.
+            if !other_rows.contains_key(&key) {
+                let mut prefix = table_prefix(other.state_id).to_vec();
+                prefix.extend_from_slice(&key);
+                let mut found = Vec::new();
+                for (_, v) in ctx.scan_prefix(&prefix)? {
+                    let (encoded, count) = split_counted(&v)?;
+                    found.push((decode_row(encoded, &other.row_types)?, count));
+                }
+                other_rows.insert(key.clone(), found);
             }
+            let candidates: Vec<(Vec<ScalarValue>, i64)> = other_rows
+                .get(&key)
+                .map(|rows| rows.iter().map(|(o, c)| (glue(&row, o), *c)).collect())
+                .unwrap_or_default();
             let matches = self.passing(candidates)?;
             let split = |glued: &[ScalarValue]| -> Vec<ScalarValue> {
                 let mine = me.row_types.len();
