@@ -283,6 +283,14 @@ const SOURCE_VIEWS: &[(&str, &str)] = &[
         "SELECT auction, price, rn FROM (SELECT auction, price, ROW_NUMBER() OVER (PARTITION BY auction % 10 ORDER BY price DESC, bidder, date_time, auction) AS rn FROM bid) x WHERE rn <= 3",
     ),
     (
+        "sl",
+        "SELECT auction, bidder, price FROM bid ORDER BY price DESC, auction, bidder LIMIT 5",
+    ),
+    (
+        "sd",
+        "SELECT bidder, auction, price FROM (SELECT bidder, auction, price, ROW_NUMBER() OVER (PARTITION BY bidder, auction ORDER BY price DESC, date_time DESC) AS rn FROM bid) x WHERE rn = 1",
+    ),
+    (
         "sm",
         "SELECT m.label, count(*) AS n FROM c JOIN marks m ON c.counter % 3 = m.k GROUP BY m.label",
     ),

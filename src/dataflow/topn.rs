@@ -14,7 +14,7 @@
 //! the first n rows of a partition; otherwise it re-reads the whole touched
 //! partition (O(partition) per change, exact).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use datafusion::arrow::array::ArrayRef;
@@ -28,6 +28,9 @@ use crate::catalog::types::SqlType;
 use crate::error::{Error, Result};
 use crate::state::encoding::{decode_row, encode_row, encode_value, split_counted, table_prefix};
 use crate::state::store::{sys_key, SYS_ROWID};
+
+/// Stored (key, value) entries of a partition, in key order.
+type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// One ORDER BY term.
 #[derive(Debug)]
@@ -108,21 +111,33 @@ impl TopN {
         }
     }
 
-    /// The current output of the partition whose key prefix is `prefix`.
-    fn window(&self, ctx: &OpCtx<'_>, prefix: &[u8]) -> Result<Vec<(Vec<ScalarValue>, i64)>> {
-        let (offset, want, numbered) = match self.mode {
+    /// (offset, rows wanted from the start, whether rows are numbered).
+    fn bounds(&self) -> (usize, usize, bool) {
+        match self.mode {
             TopNMode::Limit { offset, limit } => (offset, offset + limit, false),
             TopNMode::RowNumber { limit } => (0, limit.unwrap_or(usize::MAX), true),
-        };
-        let entries = if want == usize::MAX {
-            ctx.scan_prefix(prefix)?
+        }
+    }
+
+    /// The first stored entries (key, value) of a partition: as many as
+    /// the output can need.
+    fn entries(&self, ctx: &OpCtx<'_>, prefix: &[u8]) -> Result<Entries> {
+        let (_, want, _) = self.bounds();
+        if want == usize::MAX {
+            ctx.scan_prefix(prefix)
         } else {
-            ctx.scan_prefix_first(prefix, want)?
-        };
+            ctx.scan_prefix_first(prefix, want)
+        }
+    }
+
+    /// The output rows of a partition whose entries, in key order, start
+    /// with `entries`.
+    fn number(&self, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<(Vec<ScalarValue>, i64)>> {
+        let (offset, want, numbered) = self.bounds();
         let mut out = Vec::new();
         let mut seen = 0usize;
         for (_, v) in entries {
-            let (encoded, count) = split_counted(&v)?;
+            let (encoded, count) = split_counted(v)?;
             let row = decode_row(encoded, &self.row_types)?;
             for _ in 0..count {
                 if seen >= offset && seen < want {
@@ -182,6 +197,9 @@ impl Operator for TopN {
         let mut prefixes = Vec::with_capacity(n);
         let mut touched: Vec<Vec<u8>> = Vec::new();
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        // Append-only input: each partition's entries before the delta,
+        // to which its new rows are added (nothing else can change).
+        let mut before: HashMap<Vec<u8>, Entries> = HashMap::new();
         let mut diff: Vec<(Vec<ScalarValue>, i64)> = Vec::new();
         for r in 0..n {
             let mut prefix = table_prefix(self.state_id).to_vec();
@@ -195,11 +213,11 @@ impl Operator for TopN {
                 encode_value(&mut prefix, t, &v)?;
             }
             if seen.insert(prefix.clone()) {
-                diff.extend(
-                    self.window(ctx, &prefix)?
-                        .into_iter()
-                        .map(|(row, _)| (row, -1)),
-                );
+                let entries = self.entries(ctx, &prefix)?;
+                diff.extend(self.number(&entries)?.into_iter().map(|(row, _)| (row, -1)));
+                if self.append_only {
+                    before.insert(prefix.clone(), entries);
+                }
                 touched.push(prefix.clone());
             }
             prefixes.push(prefix);
@@ -219,7 +237,7 @@ impl Operator for TopN {
         let row_types: Vec<&SqlType> = self.row_types.iter().collect();
         let columns: Vec<&ArrayRef> = input.data.columns().iter().collect();
         for (r, prefix) in prefixes.into_iter().enumerate() {
-            let mut key = prefix;
+            let mut key = prefix.clone();
             for (k, a) in self.keys.iter().zip(&key_arrays) {
                 let v = ScalarValue::try_from_array(a.as_ref(), r)?;
                 if v.is_null() {
@@ -252,6 +270,9 @@ impl Operator for TopN {
                 key.extend_from_slice(&next_id.to_be_bytes());
                 next_id += 1;
                 row.extend_from_slice(&(w as u64).to_be_bytes());
+                if let Some(entries) = before.get_mut(&prefix) {
+                    entries.push((key.clone(), row.clone()));
+                }
                 ctx.put(key, row);
             } else {
                 key.extend_from_slice(&row);
@@ -264,7 +285,19 @@ impl Operator for TopN {
             self.next_row_id = Some(next_id);
         }
         for prefix in &touched {
-            diff.extend(self.window(ctx, prefix)?);
+            match before.remove(prefix) {
+                // The new first rows are the first of the old first rows
+                // and the delta's rows: every other stored row already
+                // ranked beyond them and only moves further back.
+                Some(mut entries) => {
+                    entries.sort_by(|a, b| a.0.cmp(&b.0));
+                    diff.extend(self.number(&entries)?);
+                }
+                None => {
+                    let entries = self.entries(ctx, prefix)?;
+                    diff.extend(self.number(&entries)?);
+                }
+            }
         }
         ChangeBatch::from_rows(&self.schema, diff)?.consolidate()
     }
