@@ -137,7 +137,14 @@ fn unique_key(plan: &LogicalPlan) -> Option<Vec<usize>> {
         LogicalPlan::Aggregate(a) if !a.group_expr.is_empty() => {
             Some((0..a.group_expr.len()).collect())
         }
-        LogicalPlan::Filter(f) => unique_key(&f.input),
+        // `rn = 1` / `rn <= 1` over ROW_NUMBER() OVER (PARTITION BY p …):
+        // one row per partition, so the partition columns are a key.
+        LogicalPlan::Filter(f) => match f.input.as_ref() {
+            LogicalPlan::Window(w) if row_number_bound(&f.predicate, w) == Some(1) => {
+                partition_columns(w)
+            }
+            _ => unique_key(&f.input),
+        },
         LogicalPlan::SubqueryAlias(s) => unique_key(&s.input),
         LogicalPlan::Sort(s) if s.fetch.is_none() => unique_key(&s.input),
         LogicalPlan::Projection(p) => {
@@ -533,6 +540,30 @@ fn sort_keys(
 
 /// `ROW_NUMBER() OVER (PARTITION BY … ORDER BY …)`: the only window
 /// function maintained so far.
+/// Positions (in the window's output, which starts with its input's
+/// columns) of a single window function's PARTITION BY columns, when they
+/// are all plain columns and there is at least one.
+fn partition_columns(w: &datafusion::logical_expr::Window) -> Option<Vec<usize>> {
+    let [e] = w.window_expr.as_slice() else {
+        return None;
+    };
+    let Expr::WindowFunction(wf) = strip_alias(e) else {
+        return None;
+    };
+    let parts = &wf.params.partition_by;
+    if parts.is_empty() {
+        return None;
+    }
+    let input = w.input.schema();
+    parts
+        .iter()
+        .map(|p| match p {
+            Expr::Column(c) => input.index_of_column(c).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The `n` of a filter `rn <= n` (`rn < n + 1`, `rn = n`) on the window's
 /// output column: only positions up to `n` can pass it.
 fn row_number_bound(predicate: &Expr, w: &datafusion::logical_expr::Window) -> Option<usize> {
