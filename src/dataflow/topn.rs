@@ -17,8 +17,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use datafusion::arrow::array::ArrayRef;
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::array::{Array, ArrayRef};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::PhysicalExpr;
 
@@ -26,8 +27,27 @@ use super::operator::{evaluate_all, OpCtx, Operator};
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
 use crate::error::{Error, Result};
-use crate::state::encoding::{decode_row, encode_row, encode_value, split_counted, table_prefix};
+use crate::state::encoding::{decode_row, encode_cell, encode_row, split_counted, table_prefix};
 use crate::state::store::{sys_key, SYS_ROWID};
+
+/// Casts each array to its SQL type's Arrow type (NULL-typed arrays stay).
+fn cast_all<'t>(
+    arrays: Vec<ArrayRef>,
+    types: impl Iterator<Item = &'t SqlType>,
+) -> Result<Vec<ArrayRef>> {
+    arrays
+        .into_iter()
+        .zip(types)
+        .map(|(a, t)| {
+            let dt = t.arrow_type();
+            if a.data_type() == &dt || a.data_type() == &DataType::Null {
+                Ok(a)
+            } else {
+                Ok(cast(&a, &dt)?)
+            }
+        })
+        .collect()
+}
 
 /// Stored (key, value) entries of a partition, in key order.
 type Entries = Vec<(Vec<u8>, Vec<u8>)>;
@@ -191,7 +211,11 @@ impl Operator for TopN {
 
     fn process(&mut self, input: ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<ChangeBatch> {
         let n = input.len();
-        let part_arrays = evaluate_all(self.partition.iter().map(|(e, _)| e), &input.data)?;
+        // Partition and sort-key arrays in their stored types, cast once.
+        let part_arrays = cast_all(
+            evaluate_all(self.partition.iter().map(|(e, _)| e), &input.data)?,
+            self.partition.iter().map(|(_, t)| t),
+        )?;
         // Partition prefix of every row, and each touched partition's
         // output before the delta.
         let mut prefixes = Vec::with_capacity(n);
@@ -204,13 +228,7 @@ impl Operator for TopN {
         for r in 0..n {
             let mut prefix = table_prefix(self.state_id).to_vec();
             for ((_, t), a) in self.partition.iter().zip(&part_arrays) {
-                let v = ScalarValue::try_from_array(a.as_ref(), r)?;
-                let v = if v.data_type() == t.arrow_type() {
-                    v
-                } else {
-                    v.cast_to(&t.arrow_type())?
-                };
-                encode_value(&mut prefix, t, &v)?;
+                encode_cell(&mut prefix, t, a.as_ref(), r)?;
             }
             if seen.insert(prefix.clone()) {
                 let entries = self.entries(ctx, &prefix)?;
@@ -233,25 +251,22 @@ impl Operator for TopN {
             },
             None => 0,
         };
-        let key_arrays = evaluate_all(self.keys.iter().map(|k| &k.expr), &input.data)?;
+        let key_arrays = cast_all(
+            evaluate_all(self.keys.iter().map(|k| &k.expr), &input.data)?,
+            self.keys.iter().map(|k| &k.ty),
+        )?;
         let row_types: Vec<&SqlType> = self.row_types.iter().collect();
         let columns: Vec<&ArrayRef> = input.data.columns().iter().collect();
         for (r, prefix) in prefixes.into_iter().enumerate() {
             let mut key = prefix.clone();
             for (k, a) in self.keys.iter().zip(&key_arrays) {
-                let v = ScalarValue::try_from_array(a.as_ref(), r)?;
-                if v.is_null() {
+                if a.data_type() == &DataType::Null || a.is_null(r) {
                     key.push(if k.nulls_first { 0x00 } else { 0x02 });
                     continue;
                 }
                 key.push(0x01);
-                let v = if v.data_type() == k.ty.arrow_type() {
-                    v
-                } else {
-                    v.cast_to(&k.ty.arrow_type())?
-                };
                 let mut enc = Vec::new();
-                encode_value(&mut enc, &k.ty, &v)?;
+                encode_cell(&mut enc, &k.ty, a.as_ref(), r)?;
                 if !k.asc {
                     enc.iter_mut().for_each(|b| *b = !*b);
                 }
