@@ -23,6 +23,12 @@ use crate::state::encoding::{encode_cell, encode_row, split_counted, table_prefi
 use crate::state::store::{sys_key, SYS_ROWID};
 use crate::state::Store;
 
+/// Key/value pairs read from state, in key order.
+pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A write staged in this commit: a put (`Some`) or a delete (`None`).
+type StagedEntry<'a> = (&'a Vec<u8>, &'a Option<Vec<u8>>);
+
 /// What an operator sees of storage during one commit: committed state in
 /// the store, overlaid with what this commit has staged so far.
 pub struct OpCtx<'a> {
@@ -91,6 +97,42 @@ impl<'a> OpCtx<'a> {
             };
         }
         Ok(found.into_iter().take(n).collect())
+    }
+
+    /// [`OpCtx::scan_prefix_first`] for many prefixes at once (one store
+    /// iterator for all of them); results in the order of `prefixes`.
+    pub fn scan_prefixes_first(&self, prefixes: &[Vec<u8>], n: usize) -> Result<Vec<KeyValues>> {
+        let mut order: Vec<usize> = (0..prefixes.len()).collect();
+        order.sort_by(|a, b| prefixes[*a].cmp(&prefixes[*b]));
+        let staged: Vec<Vec<StagedEntry<'_>>> = prefixes
+            .iter()
+            .map(|p| {
+                self.staged
+                    .range(p.clone()..)
+                    .take_while(|(k, _)| k.starts_with(p))
+                    .collect()
+            })
+            .collect();
+        let mut found: Vec<BTreeMap<Vec<u8>, Vec<u8>>> = vec![BTreeMap::new(); prefixes.len()];
+        let sorted: Vec<&[u8]> = order.iter().map(|&i| prefixes[i].as_slice()).collect();
+        self.store.scan_prefixes(&sorted, |j, k, v| {
+            let i = order[j];
+            found[i].insert(k.to_vec(), v.to_vec());
+            Ok(found[i].len() < n.saturating_add(staged[i].len()))
+        })?;
+        Ok(found
+            .into_iter()
+            .zip(staged)
+            .map(|(mut f, st)| {
+                for (k, v) in st {
+                    match v {
+                        Some(v) => f.insert(k.clone(), v.clone()),
+                        None => f.remove(k),
+                    };
+                }
+                f.into_iter().take(n).collect()
+            })
+            .collect())
     }
 
     /// Adds `w` to the multiplicity of the counted row `encoded` stored at

@@ -50,7 +50,7 @@ fn cast_all<'t>(
 }
 
 /// Stored (key, value) entries of a partition, in key order.
-type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+type Entries = super::operator::KeyValues;
 
 /// One ORDER BY term.
 #[derive(Debug)]
@@ -139,15 +139,11 @@ impl TopN {
         }
     }
 
-    /// The first stored entries (key, value) of a partition: as many as
-    /// the output can need.
-    fn entries(&self, ctx: &OpCtx<'_>, prefix: &[u8]) -> Result<Entries> {
+    /// The first stored entries (key, value) of each partition: as many as
+    /// the output can need; one store iterator for all partitions.
+    fn entries_many(&self, ctx: &OpCtx<'_>, prefixes: &[Vec<u8>]) -> Result<Vec<Entries>> {
         let (_, want, _) = self.bounds();
-        if want == usize::MAX {
-            ctx.scan_prefix(prefix)
-        } else {
-            ctx.scan_prefix_first(prefix, want)
-        }
+        ctx.scan_prefixes_first(prefixes, want)
     }
 
     /// The output rows of a partition whose entries, in key order, start
@@ -231,14 +227,15 @@ impl Operator for TopN {
                 encode_cell(&mut prefix, t, a.as_ref(), r)?;
             }
             if seen.insert(prefix.clone()) {
-                let entries = self.entries(ctx, &prefix)?;
-                diff.extend(self.number(&entries)?.into_iter().map(|(row, _)| (row, -1)));
-                if self.append_only {
-                    before.insert(prefix.clone(), entries);
-                }
                 touched.push(prefix.clone());
             }
             prefixes.push(prefix);
+        }
+        for (prefix, entries) in touched.iter().zip(self.entries_many(ctx, &touched)?) {
+            diff.extend(self.number(&entries)?.into_iter().map(|(row, _)| (row, -1)));
+            if self.append_only {
+                before.insert(prefix.clone(), entries);
+            }
         }
         let counter = sys_key(SYS_ROWID, &self.state_id.to_be_bytes());
         let mut next_id = match self.next_row_id {
@@ -299,19 +296,18 @@ impl Operator for TopN {
             // An abandoned commit skips these ids; it never reuses them.
             self.next_row_id = Some(next_id);
         }
-        for prefix in &touched {
-            match before.remove(prefix) {
-                // The new first rows are the first of the old first rows
-                // and the delta's rows: every other stored row already
-                // ranked beyond them and only moves further back.
-                Some(mut entries) => {
-                    entries.sort_by(|a, b| a.0.cmp(&b.0));
-                    diff.extend(self.number(&entries)?);
-                }
-                None => {
-                    let entries = self.entries(ctx, prefix)?;
-                    diff.extend(self.number(&entries)?);
-                }
+        if self.append_only {
+            // The new first rows are the first of the old first rows and
+            // the delta's rows: every other stored row already ranked
+            // beyond them and only moves further back.
+            for prefix in &touched {
+                let mut entries = before.remove(prefix).unwrap_or_default();
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                diff.extend(self.number(&entries)?);
+            }
+        } else {
+            for entries in self.entries_many(ctx, &touched)? {
+                diff.extend(self.number(&entries)?);
             }
         }
         ChangeBatch::from_rows(&self.schema, diff)?.consolidate()

@@ -132,6 +132,37 @@ impl Store {
         Ok(())
     }
 
+    /// Like [`Store::scan_prefix`] for several prefixes, given in ascending
+    /// order, with one iterator: `f` gets the prefix's index, and returning
+    /// `false` moves on to the next prefix. Creating an iterator costs more
+    /// than a seek, so batch lookups use this.
+    pub fn scan_prefixes(
+        &self,
+        sorted: &[&[u8]],
+        mut f: impl FnMut(usize, &[u8], &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        let Some(last) = sorted.last() else {
+            return Ok(());
+        };
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(prefix_end(last));
+        let mut it = self.db.raw_iterator_opt(ro);
+        for (i, prefix) in sorted.iter().enumerate() {
+            it.seek(prefix);
+            while it.valid() {
+                let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                    break;
+                };
+                if !k.starts_with(prefix) || !f(i, k, v)? {
+                    break;
+                }
+                it.next();
+            }
+            it.status()?;
+        }
+        Ok(())
+    }
+
     /// Applies a batch atomically and durably.
     pub fn write(&self, batch: WriteBatch) -> Result<()> {
         let mut wo = WriteOptions::default();
