@@ -21,7 +21,7 @@ use datafusion::arrow::datatypes::{DataType, Decimal128Type, Float64Type, Int64T
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::PhysicalExpr;
 
-use super::operator::{evaluate_all, OpCtx, Operator};
+use super::operator::{cast_to_types, evaluate_all, OpCtx, Operator};
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
 use crate::error::{Error, Result};
@@ -674,18 +674,10 @@ impl Operator for HashAggregate {
 
     fn process(&mut self, input: ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<ChangeBatch> {
         let n = input.len();
-        let groups = evaluate_all(&self.group_exprs, &input.data)?
-            .into_iter()
-            .zip(&self.group_types)
-            .map(|(g, t)| {
-                let dt = t.arrow_type();
-                if g.data_type() == &dt {
-                    Ok(g)
-                } else {
-                    Ok(cast(&g, &dt)?)
-                }
-            })
-            .collect::<Result<Vec<ArrayRef>>>()?;
+        let groups = cast_to_types(
+            evaluate_all(&self.group_exprs, &input.data)?,
+            &self.group_types,
+        )?;
         let args = self.cast_args(evaluate_all(self.aggs.iter().map(|a| &a.arg), &input.data)?)?;
         let args2 = self
             .aggs

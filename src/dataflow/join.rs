@@ -25,17 +25,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions};
-use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::PhysicalExpr;
 
-use super::operator::{evaluate_all, OpCtx};
+use super::operator::{cast_to_types, evaluate_all, row_id_key, OpCtx};
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
 use crate::error::{Error, Result};
 use crate::state::encoding::{decode_row, encode_cell, encode_row, split_counted, table_prefix};
-use crate::state::store::{sys_key, SYS_ROWID};
 
 /// One side of a join.
 #[derive(Debug)]
@@ -210,32 +208,12 @@ impl Join {
         };
         let (me_nulls, other_nulls) = (nulls(&me.row_types)?, nulls(&other.row_types)?);
         let n = delta.len();
-        let counter = sys_key(SYS_ROWID, &me.state_id.to_be_bytes());
-        let mut next_id = match self.next_ids[side as usize].load(Ordering::Relaxed) {
-            UNREAD if me.append_only => match ctx.get(&counter)? {
-                Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
-                    Error::Storage(format!(
-                        "corrupt row id counter of join state {}",
-                        me.state_id
-                    ))
-                })?),
-                None => 0,
-            },
-            n => n,
+        let (counter, mut next_id) = match self.next_ids[side as usize].load(Ordering::Relaxed) {
+            UNREAD if me.append_only => ctx.row_id_counter(me.state_id)?,
+            n => (row_id_key(me.state_id), n),
         };
         // Key arrays in the key types, cast once per delta.
-        let keys = evaluate_all(&me.keys, &delta.data)?
-            .into_iter()
-            .zip(&me.key_types)
-            .map(|(k, t)| {
-                let dt = t.arrow_type();
-                if k.data_type() == &dt || k.data_type() == &DataType::Null {
-                    Ok(k)
-                } else {
-                    Ok(cast(&k, &dt)?)
-                }
-            })
-            .collect::<Result<Vec<ArrayRef>>>()?;
+        let keys = cast_to_types(evaluate_all(&me.keys, &delta.data)?, &me.key_types)?;
         let mut other_rows: HashMap<Vec<u8>, Vec<(Vec<ScalarValue>, i64)>> = HashMap::new();
         let row_types: Vec<&SqlType> = me.row_types.iter().collect();
         let columns: Vec<&ArrayRef> = delta.data.columns().iter().collect();

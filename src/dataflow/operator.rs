@@ -75,32 +75,10 @@ impl<'a> OpCtx<'a> {
         Ok(found.into_iter().collect())
     }
 
-    /// The first `n` key/values under `prefix` as this commit will leave
-    /// them. Reads only as far into the store as needed: at most `n` plus
-    /// the number of keys this commit staged under the prefix.
-    pub fn scan_prefix_first(&self, prefix: &[u8], n: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let staged: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = self
-            .staged
-            .range(prefix.to_vec()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .collect();
-        let budget = n + staged.len();
-        let mut found: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-        self.store.scan_prefix(prefix, |k, v| {
-            found.insert(k.to_vec(), v.to_vec());
-            Ok(found.len() < budget)
-        })?;
-        for (k, v) in staged {
-            match v {
-                Some(v) => found.insert(k.clone(), v.clone()),
-                None => found.remove(k),
-            };
-        }
-        Ok(found.into_iter().take(n).collect())
-    }
-
-    /// [`OpCtx::scan_prefix_first`] for many prefixes at once (one store
-    /// iterator for all of them); results in the order of `prefixes`.
+    /// The first `n` key/values under each of `prefixes` as this commit
+    /// will leave them, read with one store iterator; results in the order
+    /// of `prefixes`. Reads only as far into the store as needed: at most
+    /// `n` plus the number of keys this commit staged under the prefix.
     pub fn scan_prefixes_first(&self, prefixes: &[Vec<u8>], n: usize) -> Result<Vec<KeyValues>> {
         let mut order: Vec<usize> = (0..prefixes.len()).collect();
         order.sort_by(|a, b| prefixes[*a].cmp(&prefixes[*b]));
@@ -133,6 +111,21 @@ impl<'a> OpCtx<'a> {
                 f.into_iter().take(n).collect()
             })
             .collect())
+    }
+
+    /// The row-id counter of state (or view) `id`: its key and the next id
+    /// (0 when none was stored yet).
+    pub fn row_id_counter(&self, id: u32) -> Result<(Vec<u8>, u64)> {
+        let key = row_id_key(id);
+        let next = match self.get(&key)? {
+            Some(v) => u64::from_be_bytes(
+                v.as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Storage(format!("corrupt row id counter of {id}")))?,
+            ),
+            None => 0,
+        };
+        Ok((key, next))
     }
 
     /// Adds `w` to the multiplicity of the counted row `encoded` stored at
@@ -180,6 +173,30 @@ impl<'a> OpCtx<'a> {
         self.batch.delete(&key);
         self.staged.insert(key, None);
     }
+}
+
+/// Where the row-id counter of state (or view) `id` is stored.
+pub fn row_id_key(id: u32) -> Vec<u8> {
+    sys_key(SYS_ROWID, &id.to_be_bytes())
+}
+
+/// Casts each array to its SQL type's Arrow type (kept when it already is).
+pub fn cast_to_types<'t>(
+    arrays: Vec<ArrayRef>,
+    types: impl IntoIterator<Item = &'t SqlType>,
+) -> Result<Vec<ArrayRef>> {
+    arrays
+        .into_iter()
+        .zip(types)
+        .map(|(a, t)| {
+            let dt = t.arrow_type();
+            if a.data_type() == &dt {
+                Ok(a)
+            } else {
+                Ok(datafusion::arrow::compute::cast(&a, &dt)?)
+            }
+        })
+        .collect()
 }
 
 /// Evaluates expressions over a batch, one array each (scalars expanded).
@@ -412,15 +429,9 @@ impl Materialize {
     }
 
     fn append(&mut self, input: &ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<()> {
-        let counter = sys_key(SYS_ROWID, &self.id.to_be_bytes());
-        let mut next = match self.next_row_id {
-            Some(n) => n,
-            None => match ctx.get(&counter)? {
-                Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
-                    Error::Storage(format!("corrupt row id counter of view {}", self.id))
-                })?),
-                None => 0,
-            },
+        let (counter, mut next) = match self.next_row_id {
+            Some(n) => (row_id_key(self.id), n),
+            None => ctx.row_id_counter(self.id)?,
         };
         let types: Vec<&SqlType> = self.types.iter().collect();
         let arrays: Vec<&ArrayRef> = input.data.columns().iter().collect();

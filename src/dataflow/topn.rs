@@ -18,36 +18,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef};
-use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::PhysicalExpr;
 
-use super::operator::{evaluate_all, OpCtx, Operator};
+use super::operator::{cast_to_types, evaluate_all, row_id_key, OpCtx, Operator};
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
 use crate::error::{Error, Result};
 use crate::state::encoding::{decode_row, encode_cell, encode_row, split_counted, table_prefix};
-use crate::state::store::{sys_key, SYS_ROWID};
-
-/// Casts each array to its SQL type's Arrow type (NULL-typed arrays stay).
-fn cast_all<'t>(
-    arrays: Vec<ArrayRef>,
-    types: impl Iterator<Item = &'t SqlType>,
-) -> Result<Vec<ArrayRef>> {
-    arrays
-        .into_iter()
-        .zip(types)
-        .map(|(a, t)| {
-            let dt = t.arrow_type();
-            if a.data_type() == &dt || a.data_type() == &DataType::Null {
-                Ok(a)
-            } else {
-                Ok(cast(&a, &dt)?)
-            }
-        })
-        .collect()
-}
 
 /// Stored (key, value) entries of a partition, in key order.
 type Entries = super::operator::KeyValues;
@@ -208,7 +187,7 @@ impl Operator for TopN {
     fn process(&mut self, input: ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<ChangeBatch> {
         let n = input.len();
         // Partition and sort-key arrays in their stored types, cast once.
-        let part_arrays = cast_all(
+        let part_arrays = cast_to_types(
             evaluate_all(self.partition.iter().map(|(e, _)| e), &input.data)?,
             self.partition.iter().map(|(_, t)| t),
         )?;
@@ -237,18 +216,12 @@ impl Operator for TopN {
                 before.insert(prefix.clone(), entries);
             }
         }
-        let counter = sys_key(SYS_ROWID, &self.state_id.to_be_bytes());
-        let mut next_id = match self.next_row_id {
-            Some(n) => n,
-            None if self.append_only => match ctx.get(&counter)? {
-                Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
-                    Error::Storage(format!("corrupt row id counter of top-N {}", self.state_id))
-                })?),
-                None => 0,
-            },
-            None => 0,
+        let (counter, mut next_id) = match self.next_row_id {
+            Some(n) => (row_id_key(self.state_id), n),
+            None if self.append_only => ctx.row_id_counter(self.state_id)?,
+            None => (row_id_key(self.state_id), 0),
         };
-        let key_arrays = cast_all(
+        let key_arrays = cast_to_types(
             evaluate_all(self.keys.iter().map(|k| &k.expr), &input.data)?,
             self.keys.iter().map(|k| &k.ty),
         )?;
