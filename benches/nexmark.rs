@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use sluice::config::Config;
 use sluice::connector::{GeneratorSpec, NexmarkTable};
 use sluice::engine::Engine;
-use sluice::epoch::SourceState;
 use sluice::session::Session;
 
 const QUERIES: &[(&str, &str)] = &[
@@ -173,14 +172,11 @@ async fn bench_query(query: &str, events: u64) -> Result<(u64, f64), String> {
     .await?;
     loop {
         let status = engine.driver.status();
-        if let Some((name, _, _, SourceState::Failed(e))) = status
-            .iter()
-            .find(|s| matches!(s.3, SourceState::Failed(_)))
-        {
-            return Err(format!("source {name} failed: {e}"));
+        if let Some(s) = status.iter().find(|s| s.state.starts_with("failed")) {
+            return Err(format!("source {}: {}", s.name, s.state));
         }
-        if status.iter().all(|s| s.3 == SourceState::Finished) {
-            let rows = status.iter().map(|s| s.2).sum();
+        if status.iter().all(|s| s.state == "finished") {
+            let rows = status.iter().map(|s| s.offset).sum();
             return Ok((rows, start.elapsed().as_secs_f64()));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

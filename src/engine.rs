@@ -88,7 +88,7 @@ impl Engine {
         let schema = Arc::new(SluiceSchema::new(catalog.clone(), store.clone()));
         ctx.catalog(DATABASE)
             .ok_or_else(|| Error::Internal("default catalog missing".into()))?
-            .register_schema(SCHEMA, schema)?;
+            .register_schema(SCHEMA, schema.clone())?;
         setup_pg_catalog(&ctx, DATABASE, EmptyContextProvider)
             .map_err(|e| Error::Internal(format!("pg_catalog setup failed: {e}")))?;
         let version = version_string();
@@ -131,6 +131,8 @@ impl Engine {
             driver: crate::epoch::Driver::default(),
             change_feed,
         });
+        let weak: std::sync::Weak<Engine> = Arc::downgrade(&engine);
+        schema.set_system_tables(weak);
         // Views are stored as SQL and re-planned in creation order, which is
         // a valid dependency order (a view can only read older relations).
         // Materialized views get their pipelines back; their rows and state
@@ -177,7 +179,7 @@ impl Engine {
                     let source = engine.catalog.restore_source(def);
                     engine.driver.add(&engine, &source)?;
                 }
-                CatalogEntry::Table(_) => {}
+                CatalogEntry::Table(_) | CatalogEntry::Connection(_) => {}
             }
         }
         crate::epoch::spawn(&engine, engine.config.checkpoint_interval)?;

@@ -7,12 +7,16 @@
 //!
 //! 1. take the engine's writer lock, so the epoch is ordered with every DML
 //!    statement and DDL change;
-//! 2. for each running source, generate the rows due since its last epoch
-//!    ([`GeneratorSpec::rows_due`]: by its rate, at most
-//!    [`MAX_EPOCH_ROWS`]);
+//! 2. for each running source, take its new rows: a generator's rows due
+//!    since its last epoch ([`GeneratorSpec::rows_due`]: by its rate, at
+//!    most [`MAX_EPOCH_ROWS`]); a Kafka source's records its reader thread
+//!    has polled and decoded since ([`KafkaReader::take`]), with the records
+//!    it could not decode;
 //! 3. push them through every view pipeline that reads the source
 //!    ([`Engine::commit`]), staging all operator state and view rows into
-//!    **one** RocksDB `WriteBatch` — together with each source's new offset;
+//!    **one** RocksDB `WriteBatch` — together with each source's new
+//!    position (an offset, or a Kafka source's offset per partition) and
+//!    its bad records (`sluice_source_errors`);
 //! 4. apply the batch. Only now is the epoch committed: SELECT sees all of
 //!    it or none of it, and after `kill -9` the offsets and the state agree,
 //!    so the restarted source resumes exactly after the last row the views
@@ -22,18 +26,26 @@
 //! its SELECT list) is retried one source at a time, and the source that
 //! fails alone stops with its error visible in `SHOW SOURCES`; the others go
 //! on. `FLUSH` asks the driver for an immediate epoch and waits for it, so
-//! every row due before the `FLUSH` is visible in every view after it.
+//! every row due before the `FLUSH` is visible in every view after it (for
+//! a Kafka source: every record below the high watermarks it reads at the
+//! time of the `FLUSH`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::compute::concat_batches;
 use parking_lot::{Condvar, Mutex};
 use rocksdb::WriteBatch;
 use tokio::sync::oneshot;
 
-use crate::catalog::{read_source_offset, source_offset_key, Source};
-use crate::connector::GeneratorSpec;
+use crate::catalog::{
+    encode_positions, read_positions, read_source_offset, source_error_key, source_errors_prefix,
+    source_offset_key, Source, SourceConnector, StoredBadRecord,
+};
+use crate::connector::kafka::{OnError, PartitionStats, Topics};
+use crate::connector::{BadRecord, GeneratorSpec, KafkaReader, KafkaSpec, Positions};
 use crate::dataflow::{ChangeBatch, TableChange};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -41,6 +53,9 @@ use crate::error::{Error, Result};
 /// Most rows one source contributes to one epoch: bounds an epoch's memory
 /// and how long it holds the writer lock.
 pub const MAX_EPOCH_ROWS: u64 = 64 * 1024;
+
+/// How long `FLUSH` waits for a Kafka source to reach the high watermarks.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A source's lifecycle as `SHOW SOURCES` reports it.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,54 +78,325 @@ impl std::fmt::Display for SourceState {
     }
 }
 
+/// Where a source's rows come from, with what the driver tracks of it.
+/// (One per source: the Kafka variant's size does not matter.)
+#[allow(clippy::large_enum_variant)]
+enum Feed {
+    Generator {
+        spec: GeneratorSpec,
+        /// Where and when pacing restarted (creation or engine start): the
+        /// rate applies from here, so downtime is not caught up in one
+        /// burst.
+        resumed_at: Instant,
+        resumed_offset: u64,
+    },
+    Kafka {
+        spec: KafkaSpec,
+        reader: Option<KafkaReader>,
+        /// Committed positions.
+        positions: Positions,
+    },
+}
+
 /// A source the driver runs.
-#[derive(Debug)]
 pub struct SourceRun {
     /// Source id.
     pub id: u32,
     /// Source name.
     pub name: String,
-    /// What it generates.
-    pub spec: GeneratorSpec,
-    /// Committed offset: rows `0..offset` are in every view reading it.
+    feed: Feed,
+    /// Generator: committed offset (rows `0..offset` are in every view
+    /// reading it). Kafka: records committed since creation.
     pub offset: u64,
-    /// Where and when pacing restarted (creation or engine start): the rate
-    /// applies from here, so downtime is not caught up in one burst.
-    resumed_at: Instant,
-    resumed_offset: u64,
+    /// Bad records committed to `sluice_source_errors`.
+    pub errors: u64,
     /// Lifecycle.
     pub state: SourceState,
 }
 
+/// One source's contribution to an epoch.
+struct Work {
+    run: usize,
+    rows: RecordBatch,
+    bad: Vec<BadRecord>,
+    advance: Advance,
+}
+
+enum Advance {
+    Offset(u64),
+    Positions(Positions),
+}
+
 impl SourceRun {
-    fn new(source: &Source, offset: u64) -> SourceRun {
+    fn new(engine: &Engine, source: &Source) -> Result<SourceRun> {
+        let (feed, offset, errors) = match &source.def.connector {
+            SourceConnector::Generator(spec) => {
+                let offset = read_source_offset(&engine.store, source.def.id)?;
+                (
+                    Feed::Generator {
+                        spec: spec.clone(),
+                        resumed_at: Instant::now(),
+                        resumed_offset: offset,
+                    },
+                    offset,
+                    0,
+                )
+            }
+            SourceConnector::Kafka(spec) => {
+                let positions = read_positions(&engine.store, source.def.id)?;
+                let reader = KafkaReader::start(
+                    &source.def.name,
+                    spec,
+                    source.schema.clone(),
+                    source.def.value_columns(),
+                    &source.def.json_columns(),
+                    &positions,
+                )?;
+                let mut errors = 0u64;
+                engine
+                    .store
+                    .scan_prefix(&source_errors_prefix(source.def.id), |_, _| {
+                        errors += 1;
+                        Ok(true)
+                    })?;
+                let offset = records_read(spec, &positions);
+                (
+                    Feed::Kafka {
+                        spec: spec.clone(),
+                        reader: Some(reader),
+                        positions,
+                    },
+                    offset,
+                    errors,
+                )
+            }
+        };
         let mut run = SourceRun {
             id: source.def.id,
             name: source.def.name.clone(),
-            spec: source.def.generator.clone(),
+            feed,
             offset,
-            resumed_at: Instant::now(),
-            resumed_offset: offset,
+            errors,
             state: SourceState::Running,
         };
         run.check_finished();
-        run
+        Ok(run)
     }
 
     fn check_finished(&mut self) {
-        if self.state == SourceState::Running && self.spec.limit() == Some(self.offset) {
-            self.state = SourceState::Finished;
+        if let Feed::Generator { spec, .. } = &self.feed {
+            if self.state == SourceState::Running && spec.limit() == Some(self.offset) {
+                self.state = SourceState::Finished;
+            }
         }
     }
 
-    /// The offset this epoch should advance the source to.
-    fn due(&self, now: Instant) -> u64 {
-        let due = self.spec.rows_due(
-            self.resumed_offset,
-            now.saturating_duration_since(self.resumed_at),
-        );
-        due.min(self.offset.saturating_add(MAX_EPOCH_ROWS))
+    fn fail(&mut self, e: &Error) {
+        tracing::error!(source = %self.name, "source stopped: {e}");
+        self.state = SourceState::Failed(e.to_string());
+        if let Feed::Kafka { reader, .. } = &mut self.feed {
+            // Stops its thread; a restart resumes from the committed
+            // positions.
+            *reader = None;
+        }
     }
+
+    /// A generator: the offset this epoch should advance it to.
+    fn due(&self, now: Instant) -> u64 {
+        match &self.feed {
+            Feed::Generator {
+                spec,
+                resumed_at,
+                resumed_offset,
+            } => paced(spec, *resumed_at, *resumed_offset, now)
+                .min(self.offset.saturating_add(MAX_EPOCH_ROWS)),
+            Feed::Kafka { .. } => self.offset,
+        }
+    }
+
+    /// The work of this source for one epoch, if it has any.
+    fn work(&mut self, run: usize, now: Instant) -> Result<Option<Work>> {
+        if self.state != SourceState::Running {
+            return Ok(None);
+        }
+        let due = self.due(now);
+        match &mut self.feed {
+            Feed::Generator { spec, .. } => {
+                if due <= self.offset {
+                    return Ok(None);
+                }
+                Ok(Some(Work {
+                    run,
+                    rows: spec.generate(self.offset, due)?,
+                    bad: Vec::new(),
+                    advance: Advance::Offset(due),
+                }))
+            }
+            Feed::Kafka {
+                spec,
+                reader: Some(reader),
+                positions,
+            } => {
+                let chunks = reader.take(MAX_EPOCH_ROWS as usize);
+                let Some(first) = chunks.first() else {
+                    return Ok(None);
+                };
+                let schema = first.batch.schema();
+                let rows = concat_batches(&schema, chunks.iter().map(|c| &c.batch))?;
+                let mut next = positions.clone();
+                let mut bad = Vec::new();
+                for c in chunks {
+                    next.extend(c.positions);
+                    bad.extend(c.bad);
+                }
+                if spec.on_error == OnError::Fail {
+                    if let Some(b) = bad.first() {
+                        return Err(Error::Decode(format!(
+                            "record {}/{}@{} could not be decoded: {}",
+                            b.topic, b.partition, b.offset, b.error
+                        )));
+                    }
+                }
+                Ok(Some(Work {
+                    run,
+                    rows,
+                    bad,
+                    advance: Advance::Positions(next),
+                }))
+            }
+            Feed::Kafka { reader: None, .. } => Ok(None),
+        }
+    }
+
+    /// Records a committed epoch.
+    fn advance(&mut self, work: Work) {
+        self.errors += work.bad.len() as u64;
+        match (work.advance, &mut self.feed) {
+            (Advance::Offset(to), _) => self.offset = to,
+            (
+                Advance::Positions(next),
+                Feed::Kafka {
+                    spec,
+                    reader,
+                    positions,
+                },
+            ) => {
+                self.offset = records_read(spec, &next);
+                if let Some(r) = reader {
+                    r.commit_to_group(&next);
+                }
+                *positions = next;
+            }
+            (Advance::Positions(_), Feed::Generator { .. }) => {}
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.feed {
+            Feed::Generator { spec, .. } => describe_generator(spec),
+            Feed::Kafka { spec, .. } => {
+                let topics = match &spec.topics {
+                    Topics::Name(n) => format!("topic '{n}'"),
+                    Topics::Pattern(p) => format!("topic pattern '{p}'"),
+                };
+                format!("kafka {topics} ({})", spec.format)
+            }
+        }
+    }
+
+    fn state_text(&self) -> String {
+        match (&self.state, &self.feed) {
+            (
+                SourceState::Running,
+                Feed::Kafka {
+                    reader: Some(r), ..
+                },
+            ) => match r.error() {
+                Some(e) => format!("retrying: {e}"),
+                None => "running".into(),
+            },
+            (s, _) => s.to_string(),
+        }
+    }
+}
+
+/// The offset a generator's rate has reached by `now`, pacing from where it
+/// resumed.
+fn paced(spec: &GeneratorSpec, resumed_at: Instant, resumed_offset: u64, now: Instant) -> u64 {
+    spec.rows_due(resumed_offset, now.saturating_duration_since(resumed_at))
+}
+
+/// Records a Kafka source has committed since its start offsets.
+fn records_read(spec: &KafkaSpec, positions: &Positions) -> u64 {
+    positions
+        .iter()
+        .map(|((t, p), o)| (o - spec.start_of(t, *p)).max(0) as u64)
+        .sum()
+}
+
+fn describe_generator(spec: &GeneratorSpec) -> String {
+    match spec {
+        GeneratorSpec::Counter { rate, max } => format!(
+            "counter (rate {}{})",
+            rate_text(*rate),
+            max.map(|m| format!(", max {m}")).unwrap_or_default()
+        ),
+        GeneratorSpec::Nexmark {
+            table,
+            rate,
+            events,
+            ..
+        } => format!(
+            "nexmark {} (rate {}{})",
+            match table {
+                crate::connector::NexmarkTable::Person => "person",
+                crate::connector::NexmarkTable::Auction => "auction",
+                crate::connector::NexmarkTable::Bid => "bid",
+            },
+            rate_text(*rate),
+            events.map(|e| format!(", events {e}")).unwrap_or_default()
+        ),
+    }
+}
+
+fn rate_text(rate: u64) -> String {
+    if rate == 0 {
+        "unlimited".into()
+    } else {
+        format!("{rate}/s")
+    }
+}
+
+/// One row of `SHOW SOURCES`.
+#[derive(Debug, Clone)]
+pub struct SourceStatus {
+    /// Name.
+    pub name: String,
+    /// What it reads.
+    pub connector: String,
+    /// Generator: committed offset; Kafka: records committed.
+    pub offset: u64,
+    /// running / finished / failed: … / retrying: …
+    pub state: String,
+    /// Bad records recorded.
+    pub errors: u64,
+}
+
+/// One row of `sluice_source_partitions`.
+#[derive(Debug, Clone)]
+pub struct PartitionStatus {
+    /// Source name.
+    pub source: String,
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Committed position (next offset to read).
+    pub offset: i64,
+    /// Reader's counters.
+    pub stats: PartitionStats,
+    /// Source state.
+    pub state: String,
 }
 
 /// The driver's shared state; owned by the [`Engine`].
@@ -123,21 +409,30 @@ pub struct Driver {
 }
 
 impl Driver {
-    /// Starts running `source` from its committed offset in the store.
+    /// Starts running `source` from its committed position in the store.
     /// Callers hold the engine's writer lock.
     pub fn add(&self, engine: &Engine, source: &Source) -> Result<()> {
-        let offset = read_source_offset(&engine.store, source.def.id)?;
-        self.runs.lock().push(SourceRun::new(source, offset));
+        let run = SourceRun::new(engine, source)?;
+        self.runs.lock().push(run);
         Ok(())
     }
 
     /// Stops running the sources with these ids. Callers hold the engine's
     /// writer lock, so no epoch is in flight.
     pub fn remove(&self, ids: &[u32]) {
-        self.runs.lock().retain(|r| !ids.contains(&r.id));
+        let removed: Vec<SourceRun> = {
+            let mut runs = self.runs.lock();
+            let (gone, kept) = std::mem::take(&mut *runs)
+                .into_iter()
+                .partition(|r| ids.contains(&r.id));
+            *runs = kept;
+            gone
+        };
+        // Readers join their threads on drop: outside the lock.
+        drop(removed);
     }
 
-    /// The committed offset of a running source.
+    /// The committed offset of a running generator source.
     pub fn offset(&self, id: u32) -> Option<u64> {
         self.runs
             .lock()
@@ -146,16 +441,69 @@ impl Driver {
             .map(|r| r.offset)
     }
 
-    /// (name, generator, offset, state) of every source, by name.
-    pub fn status(&self) -> Vec<(String, GeneratorSpec, u64, SourceState)> {
+    /// The committed positions of a running Kafka source.
+    pub fn positions(&self, id: u32) -> Option<Positions> {
+        self.runs
+            .lock()
+            .iter()
+            .find(|r| r.id == id)
+            .and_then(|r| match &r.feed {
+                Feed::Kafka { positions, .. } => Some(positions.clone()),
+                Feed::Generator { .. } => None,
+            })
+    }
+
+    /// `SHOW SOURCES`, by name.
+    pub fn status(&self) -> Vec<SourceStatus> {
         let mut v: Vec<_> = self
             .runs
             .lock()
             .iter()
-            .map(|r| (r.name.clone(), r.spec.clone(), r.offset, r.state.clone()))
+            .map(|r| SourceStatus {
+                name: r.name.clone(),
+                connector: r.describe(),
+                offset: r.offset,
+                state: r.state_text(),
+                errors: r.errors,
+            })
             .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.sort_by(|a, b| a.name.cmp(&b.name));
         v
+    }
+
+    /// `sluice_source_partitions`: every partition of every Kafka source.
+    pub fn partitions(&self) -> Vec<PartitionStatus> {
+        let runs = self.runs.lock();
+        let mut out = Vec::new();
+        for r in runs.iter() {
+            let Feed::Kafka {
+                reader, positions, ..
+            } = &r.feed
+            else {
+                continue;
+            };
+            let stats = reader
+                .as_ref()
+                .map(|r| r.partition_stats())
+                .unwrap_or_default();
+            let mut keys: Vec<&(String, i32)> = positions.keys().chain(stats.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                out.push(PartitionStatus {
+                    source: r.name.clone(),
+                    topic: k.0.clone(),
+                    partition: k.1,
+                    offset: positions.get(k).copied().unwrap_or_default(),
+                    stats: stats.get(k).cloned().unwrap_or_default(),
+                    state: r.state_text(),
+                });
+            }
+        }
+        out.sort_by(|a, b| {
+            (&a.source, &a.topic, a.partition).cmp(&(&b.source, &b.topic, b.partition))
+        });
+        out
     }
 
     /// Number of epochs committed since the engine started.
@@ -165,38 +513,73 @@ impl Driver {
 
     /// Waits until every running source has committed the rows due now:
     /// by its rate, or — without a rate limit — all of a bounded source's
-    /// rows, or one more epoch of an unbounded one. Returns at once when no
-    /// source is running.
-    pub async fn flush(&self) {
+    /// rows, or one more epoch of an unbounded one; for a Kafka source,
+    /// every record below the partitions' current high watermarks. Returns
+    /// at once when no source is running.
+    pub async fn flush(&self) -> Result<()> {
         let now = Instant::now();
-        let targets: Vec<(u32, u64)> = self
-            .runs
-            .lock()
-            .iter()
-            .filter(|r| r.state == SourceState::Running)
-            .map(|r| {
-                let due = r.spec.rows_due(
-                    r.resumed_offset,
-                    now.saturating_duration_since(r.resumed_at),
-                );
-                let cap = r
-                    .spec
-                    .limit()
-                    .unwrap_or(r.offset.saturating_add(MAX_EPOCH_ROWS));
-                (r.id, due.min(cap))
-            })
-            .collect();
+        let mut targets: Vec<(u32, u64)> = Vec::new();
+        let mut kafka: Vec<(u32, String, KafkaSpec)> = Vec::new();
+        for r in self.runs.lock().iter() {
+            if r.state != SourceState::Running {
+                continue;
+            }
+            match &r.feed {
+                Feed::Generator {
+                    spec,
+                    resumed_at,
+                    resumed_offset,
+                } => {
+                    let due = paced(spec, *resumed_at, *resumed_offset, now);
+                    let cap = spec
+                        .limit()
+                        .unwrap_or(r.offset.saturating_add(MAX_EPOCH_ROWS));
+                    targets.push((r.id, due.min(cap)));
+                }
+                Feed::Kafka { spec, .. } => kafka.push((r.id, r.name.clone(), spec.clone())),
+            }
+        }
+        let mut marks: Vec<(u32, String, Positions)> = Vec::new();
+        for (id, name, spec) in kafka {
+            let n = name.clone();
+            let m = tokio::task::spawn_blocking(move || spec.high_watermarks(&n))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
+            marks.push((id, name, m));
+        }
+        let deadline = Instant::now() + FLUSH_TIMEOUT;
         loop {
             let pending = {
                 let runs = self.runs.lock();
-                targets.iter().any(|(id, target)| {
+                let gens = targets.iter().any(|(id, target)| {
                     runs.iter().any(|r| {
                         r.id == *id && r.state == SourceState::Running && r.offset < *target
                     })
-                })
+                });
+                let kafka = marks.iter().find(|(id, _, marks)| {
+                    runs.iter().any(|r| match &r.feed {
+                        Feed::Kafka { positions, .. }
+                            if r.id == *id && r.state == SourceState::Running =>
+                        {
+                            marks
+                                .iter()
+                                .any(|(k, high)| positions.get(k).copied().unwrap_or(0) < *high)
+                        }
+                        _ => false,
+                    })
+                });
+                if let Some((_, name, _)) = kafka {
+                    if Instant::now() > deadline {
+                        return Err(Error::Connector(format!(
+                            "FLUSH gave up after {} s waiting for source \"{name}\" to reach the high watermarks of its partitions",
+                            FLUSH_TIMEOUT.as_secs()
+                        )));
+                    }
+                }
+                gens || kafka.is_some()
             };
             if !pending {
-                return;
+                return Ok(());
             }
             let (tx, rx) = oneshot::channel();
             self.flush_waiters.lock().push(tx);
@@ -204,7 +587,7 @@ impl Driver {
             // The driver answers after its next epoch; if it is gone (the
             // engine is shutting down) the sender is dropped: stop waiting.
             if rx.await.is_err() {
-                return;
+                return Ok(());
             }
         }
     }
@@ -247,69 +630,90 @@ fn run(weak: Weak<Engine>, interval: Duration) {
     }
 }
 
-/// Runs one epoch. Returns whether some source is still behind its rate
-/// (so the next epoch should start at once).
+/// Runs one epoch. Returns whether some source is still behind (so the
+/// next epoch should start at once).
 fn epoch(engine: &Engine) -> Result<bool> {
     let _writer = futures::executor::block_on(engine.writer());
     let mut runs = engine.driver.runs.lock();
     let now = Instant::now();
-    let work: Vec<(usize, u64)> = runs
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.state == SourceState::Running)
-        .map(|(i, r)| (i, r.due(now)))
-        .filter(|(i, due)| *due > runs[*i].offset)
-        .collect();
+    let mut work = Vec::new();
+    for (i, r) in runs.iter_mut().enumerate() {
+        match r.work(i, now) {
+            Ok(Some(w)) => work.push(w),
+            Ok(None) => {}
+            Err(e) => r.fail(&e),
+        }
+    }
     if work.is_empty() {
         return Ok(false);
     }
+    let full = work
+        .iter()
+        .any(|w| w.rows.num_rows() as u64 >= MAX_EPOCH_ROWS);
     match commit(engine, &runs, &work) {
         Ok(()) => {
-            for (i, to) in &work {
-                runs[*i].offset = *to;
+            for w in work {
+                let i = w.run;
+                runs[i].advance(w);
             }
         }
-        Err(e) if work.len() == 1 => {
-            tracing::error!(source = %runs[work[0].0].name, "source stopped: {e}");
-            runs[work[0].0].state = SourceState::Failed(e.to_string());
-        }
+        Err(e) if work.len() == 1 => runs[work[0].run].fail(&e),
         Err(_) => {
             // Find the culprit: each source alone.
-            for item in &work {
-                match commit(engine, &runs, std::slice::from_ref(item)) {
-                    Ok(()) => runs[item.0].offset = item.1,
-                    Err(e) => {
-                        tracing::error!(source = %runs[item.0].name, "source stopped: {e}");
-                        runs[item.0].state = SourceState::Failed(e.to_string());
-                    }
+            for w in work {
+                let i = w.run;
+                match commit(engine, &runs, std::slice::from_ref(&w)) {
+                    Ok(()) => runs[i].advance(w),
+                    Err(e) => runs[i].fail(&e),
                 }
             }
         }
     }
     engine.driver.epochs.fetch_add(1, Ordering::Relaxed);
-    let mut behind = false;
+    let mut behind = full;
     for r in runs.iter_mut() {
         r.check_finished();
-        behind |= r.state == SourceState::Running && r.due(Instant::now()) > r.offset;
+        behind |= r.state == SourceState::Running
+            && matches!(r.feed, Feed::Generator { .. })
+            && r.due(Instant::now()) > r.offset;
     }
     Ok(behind)
 }
 
-/// Generates the rows of `work` (source index, new offset) and commits them
-/// with the new offsets in one batch.
-fn commit(engine: &Engine, runs: &[SourceRun], work: &[(usize, u64)]) -> Result<()> {
+/// Commits the rows of `work` with the sources' new positions and bad
+/// records in one batch.
+fn commit(engine: &Engine, runs: &[SourceRun], work: &[Work]) -> Result<()> {
     let mut batch = WriteBatch::default();
     let mut changes = Vec::with_capacity(work.len());
-    for (i, to) in work {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    for w in work {
         let run = runs
-            .get(*i)
+            .get(w.run)
             .ok_or_else(|| Error::Internal("source run vanished".into()))?;
-        let rows = run.spec.generate(run.offset, *to)?;
-        batch.put(source_offset_key(run.id), to.to_be_bytes());
-        changes.push(TableChange {
-            table_id: run.id,
-            changes: ChangeBatch::uniform(rows, 1),
-        });
+        match &w.advance {
+            Advance::Offset(to) => batch.put(source_offset_key(run.id), to.to_be_bytes()),
+            Advance::Positions(p) => batch.put(source_offset_key(run.id), encode_positions(p)?),
+        }
+        for b in &w.bad {
+            let value = serde_json::to_vec(&StoredBadRecord {
+                record: b.clone(),
+                time_ms: now_ms,
+            })
+            .map_err(|e| Error::Internal(e.to_string()))?;
+            batch.put(
+                source_error_key(run.id, &b.topic, b.partition, b.offset),
+                value,
+            );
+        }
+        if w.rows.num_rows() > 0 {
+            changes.push(TableChange {
+                table_id: run.id,
+                changes: ChangeBatch::uniform(w.rows.clone(), 1),
+            });
+        }
     }
     futures::executor::block_on(engine.commit(batch, changes))
 }

@@ -109,6 +109,13 @@ pub enum Error {
     /// Invalid configuration (command line, environment, data directory).
     #[error("{0}")]
     Config(String),
+    /// A record from an external system could not be decoded.
+    #[error("{0}")]
+    Decode(String),
+    /// An external system (a Kafka broker) could not be reached or refused
+    /// a request.
+    #[error("{0}")]
+    Connector(String),
     /// A bug: something that should not happen did. Never a panic.
     #[error("internal error: {0}")]
     Internal(String),

@@ -100,3 +100,4 @@ pub mod server;
 pub mod session;
 pub mod sql;
 pub mod state;
+pub mod system_tables;

@@ -6,10 +6,10 @@
 
 mod common;
 
-use common::Server;
+use common::{rows, Server};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 const VIEWS: &[(&str, &str)] = &[
     ("m1", "SELECT id, a * 2 AS a2, b FROM t1 WHERE a % 3 <> 0"),
@@ -81,27 +81,6 @@ const VIEWS: &[(&str, &str)] = &[
         "SELECT t1.b, t2.v, t3.k FROM t1 JOIN t2 ON t1.id % 10 = t2.k JOIN t2 t3 ON t3.v = t1.a",
     ),
 ];
-
-async fn rows(c: &Client, sql: &str) -> Vec<String> {
-    let msgs = c
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let mut out: Vec<String> = msgs
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or("NULL").to_string())
-                    .collect::<Vec<_>>()
-                    .join("|"),
-            ),
-            _ => None,
-        })
-        .collect();
-    out.sort();
-    out
-}
 
 async fn create_views(c: &Client) {
     for (name, query) in VIEWS {

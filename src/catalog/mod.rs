@@ -22,11 +22,12 @@ use parking_lot::RwLock;
 use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
 
-use crate::connector::GeneratorSpec;
+use crate::connector::kafka::{KafkaSpec, Positions};
+use crate::connector::{BadRecord, GeneratorSpec, RecordDecoder};
 use crate::error::{Error, Result};
 use crate::state::encoding::table_prefix;
 use crate::state::store::{
-    prefix_end, sys_key, Store, SYS_CATALOG, SYS_META, SYS_OFFSET, SYS_ROWID,
+    prefix_end, sys_key, Store, SYS_CATALOG, SYS_META, SYS_OFFSET, SYS_ROWID, SYS_SOURCE_ERRORS,
 };
 use types::SqlType;
 
@@ -116,7 +117,79 @@ pub struct SourceDef {
     /// Columns in order.
     pub columns: Vec<ColumnDef>,
     /// What produces the rows.
-    pub generator: GeneratorSpec,
+    #[serde(flatten)]
+    pub connector: SourceConnector,
+}
+
+/// What produces a source's rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceConnector {
+    /// A built-in generator.
+    Generator(GeneratorSpec),
+    /// Kafka topics.
+    Kafka(KafkaSpec),
+}
+
+impl SourceDef {
+    /// Arrow schema of its rows.
+    pub fn schema(&self) -> SchemaRef {
+        match &self.connector {
+            SourceConnector::Generator(g) => g.schema(),
+            SourceConnector::Kafka(_) => Arc::new(Schema::new(
+                self.columns
+                    .iter()
+                    .map(|c| Field::new(&c.name, c.ty.arrow_type(), c.nullable))
+                    .collect::<Vec<_>>(),
+            )),
+        }
+    }
+
+    /// Kafka: how many leading columns come from the record value.
+    pub fn value_columns(&self) -> usize {
+        match &self.connector {
+            SourceConnector::Kafka(k) => self.columns.len().saturating_sub(k.include.len()),
+            SourceConnector::Generator(_) => self.columns.len(),
+        }
+    }
+
+    /// Indices of the value columns declared `json`/`jsonb`.
+    pub fn json_columns(&self) -> Vec<usize> {
+        self.columns[..self.value_columns()]
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| matches!(c.ty, SqlType::Json | SqlType::Jsonb))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Kafka: a decoder of its records.
+    pub fn decoder(&self) -> Result<Option<RecordDecoder>> {
+        match &self.connector {
+            SourceConnector::Kafka(k) => Ok(Some(RecordDecoder::new(
+                k.format.clone(),
+                self.schema(),
+                self.value_columns(),
+                k.include.clone(),
+                &self.json_columns(),
+            )?)),
+            SourceConnector::Generator(_) => Ok(None),
+        }
+    }
+}
+
+/// A named Kafka connection: brokers and librdkafka properties that
+/// sources (and sinks) reuse with `CONNECTION name`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionDef {
+    /// Object id.
+    pub id: u32,
+    /// Connection name (its own namespace, apart from relations).
+    pub name: String,
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// librdkafka properties.
+    pub properties: Vec<(String, String)>,
 }
 
 /// What the catalog persists per object.
@@ -131,12 +204,15 @@ pub enum CatalogEntry {
     MaterializedView(MvDef),
     /// A source.
     Source(SourceDef),
+    /// A connection.
+    Connection(ConnectionDef),
 }
 
 impl CatalogEntry {
     fn id(&self) -> u32 {
         match self {
             CatalogEntry::Source(s) => s.id,
+            CatalogEntry::Connection(c) => c.id,
             CatalogEntry::Table(t) => t.id,
             CatalogEntry::View(v) => v.id,
             CatalogEntry::MaterializedView(m) => m.id,
@@ -256,6 +332,7 @@ struct State {
     views: BTreeMap<String, Arc<View>>,
     mvs: BTreeMap<String, Arc<MaterializedView>>,
     sources: BTreeMap<String, Arc<Source>>,
+    connections: BTreeMap<String, ConnectionDef>,
     next_id: u32,
 }
 
@@ -304,6 +381,9 @@ impl Catalog {
                     state
                         .tables
                         .insert(def.name.clone(), Arc::new(Table::new(def, next)));
+                }
+                CatalogEntry::Connection(def) => {
+                    state.connections.insert(def.name.clone(), def);
                 }
                 other => views.push(other),
             }
@@ -463,18 +543,27 @@ impl Catalog {
         mv
     }
 
-    /// Creates a source; `def.id` is assigned here. Its offset starts at 0,
-    /// written in the same batch as its entry.
+    /// Creates a source; `def.id` is assigned here. Its position starts at
+    /// the beginning (offset 0, or a Kafka source's resolved start
+    /// offsets), written in the same batch as its entry.
     pub fn create_source(&self, mut def: SourceDef) -> Result<Arc<Source>> {
         let mut state = self.state.write();
         Self::ensure_free(&state, &def.name)?;
         let mut batch = WriteBatch::default();
         def.id = Self::allocate_id(&mut state, &mut batch);
         put_entry(&mut batch, &CatalogEntry::Source(def.clone()))?;
-        batch.put(source_offset_key(def.id), 0u64.to_be_bytes());
+        match &def.connector {
+            SourceConnector::Generator(_) => {
+                batch.put(source_offset_key(def.id), 0u64.to_be_bytes())
+            }
+            SourceConnector::Kafka(k) => batch.put(
+                source_offset_key(def.id),
+                encode_positions(&k.initial_positions())?,
+            ),
+        }
         self.store.write(batch)?;
         let source = Arc::new(Source {
-            schema: def.generator.schema(),
+            schema: def.schema(),
             def,
         });
         state
@@ -483,10 +572,46 @@ impl Catalog {
         Ok(source)
     }
 
+    /// A connection by name.
+    pub fn connection(&self, name: &str) -> Option<ConnectionDef> {
+        self.state.read().connections.get(name).cloned()
+    }
+
+    /// All connections, by name.
+    pub fn connections(&self) -> Vec<ConnectionDef> {
+        self.state.read().connections.values().cloned().collect()
+    }
+
+    /// Creates a connection; `def.id` is assigned here.
+    pub fn create_connection(&self, mut def: ConnectionDef) -> Result<()> {
+        let mut state = self.state.write();
+        if state.connections.contains_key(&def.name) {
+            return Err(Error::DuplicateObject(def.name));
+        }
+        let mut batch = WriteBatch::default();
+        def.id = Self::allocate_id(&mut state, &mut batch);
+        put_entry(&mut batch, &CatalogEntry::Connection(def.clone()))?;
+        self.store.write(batch)?;
+        state.connections.insert(def.name.clone(), def);
+        Ok(())
+    }
+
+    /// Drops a connection (its users checked by the caller).
+    pub fn drop_connection(&self, name: &str) -> Result<()> {
+        let mut state = self.state.write();
+        if let Some(c) = state.connections.get(name) {
+            let mut batch = WriteBatch::default();
+            batch.delete(sys_key(SYS_CATALOG, &c.id.to_be_bytes()));
+            self.store.write(batch)?;
+            state.connections.remove(name);
+        }
+        Ok(())
+    }
+
     /// Re-registers a source loaded at startup.
     pub fn restore_source(&self, def: SourceDef) -> Arc<Source> {
         let source = Arc::new(Source {
-            schema: def.generator.schema(),
+            schema: def.schema(),
             def,
         });
         self.state
@@ -519,6 +644,8 @@ impl Catalog {
             } else if let Some(src) = state.sources.get(name) {
                 batch.delete(sys_key(SYS_CATALOG, &src.def.id.to_be_bytes()));
                 batch.delete(source_offset_key(src.def.id));
+                let errors = source_errors_prefix(src.def.id);
+                batch.delete_range(errors.clone(), prefix_end(&errors));
             } else if let Some(v) = state.views.get(name) {
                 batch.delete(sys_key(SYS_CATALOG, &v.def.id.to_be_bytes()));
             } else if let Some(m) = state.mvs.get(name) {
@@ -555,6 +682,51 @@ pub fn read_source_offset(store: &Store, id: u32) -> Result<u64> {
         )?)),
         None => Ok(0),
     }
+}
+
+/// A Kafka source's committed positions as `store` holds them.
+pub fn read_positions(store: &Store, id: u32) -> Result<Positions> {
+    match store.get(&source_offset_key(id))? {
+        Some(v) => {
+            let list: Vec<(String, i32, i64)> = serde_json::from_slice(&v)
+                .map_err(|e| Error::Storage(format!("corrupt positions of source {id}: {e}")))?;
+            Ok(list.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
+        }
+        None => Ok(Positions::new()),
+    }
+}
+
+/// The stored form of a Kafka source's positions.
+pub fn encode_positions(p: &Positions) -> Result<Vec<u8>> {
+    let list: Vec<(&str, i32, i64)> = p.iter().map(|((t, p), o)| (t.as_str(), *p, *o)).collect();
+    serde_json::to_vec(&list).map_err(|e| Error::Internal(e.to_string()))
+}
+
+/// Where a source's bad records live: `0u32 · 0x05 · source id`, then the
+/// record's topic, partition and offset — so a record replayed after a
+/// crash overwrites its own entry instead of adding a second one.
+pub fn source_errors_prefix(id: u32) -> Vec<u8> {
+    sys_key(SYS_SOURCE_ERRORS, &id.to_be_bytes())
+}
+
+/// The key of one bad record of source `id`.
+pub fn source_error_key(id: u32, topic: &str, partition: i32, offset: i64) -> Vec<u8> {
+    let mut k = source_errors_prefix(id);
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
+}
+
+/// A bad record as `sluice_source_errors` stores it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredBadRecord {
+    /// The record.
+    #[serde(flatten)]
+    pub record: BadRecord,
+    /// When it was read (ms since the epoch).
+    pub time_ms: i64,
 }
 
 fn put_entry(batch: &mut WriteBatch, entry: &CatalogEntry) -> Result<()> {

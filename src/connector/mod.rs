@@ -8,11 +8,16 @@
 //! events after it are produced again, identically — no gaps, no
 //! duplicates.
 //!
-//! Today's connectors are the built-in [`generator`]s (a counter and
-//! Nexmark), which need no external system, so a fresh Sluice can stream
-//! out of the box. The module knows nothing of SQL or the catalog; it
-//! speaks Arrow.
+//! The connectors are the built-in [`generator`]s (a counter and Nexmark),
+//! which need no external system, so a fresh Sluice can stream out of the
+//! box, and [`kafka`] topics — also offset-addressed logs, one offset per
+//! partition — decoded by [`format`]. The module knows nothing of SQL or
+//! the catalog; it speaks Arrow.
 
+pub mod format;
 pub mod generator;
+pub mod kafka;
 
+pub use format::{BadRecord, Format, Meta, RecordDecoder};
 pub use generator::{GeneratorSpec, NexmarkTable};
+pub use kafka::{KafkaReader, KafkaSpec, Positions};

@@ -1,9 +1,15 @@
 //! [`SourceTable`]: a bounded scan of a source as DataFusion sees it.
 //!
-//! `SELECT … FROM source` reads rows `0..committed offset`: exactly the rows
-//! every view over the source has counted, so a view can be checked against
-//! its defining query run in batch. Generator sources keep no rows; the scan
-//! regenerates them lazily, one Arrow batch at a time.
+//! `SELECT … FROM generator_source` reads rows `0..committed offset`:
+//! exactly the rows every view over the source has counted, so a view can
+//! be checked against its defining query run in batch. Generator sources
+//! keep no rows; the scan regenerates them lazily, one Arrow batch at a
+//! time.
+//!
+//! `SELECT … FROM kafka_source` reads the topic from the source's start
+//! offsets to the partitions' high watermarks at the time of the query, so
+//! users can inspect a topic with SQL (records that fail to decode are
+//! skipped; they are in `sluice_source_errors` once the source reads them).
 
 use std::sync::Arc;
 
@@ -17,8 +23,8 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use datafusion::physical_plan::ExecutionPlan;
 
-use crate::catalog::{read_source_offset, Source};
-use crate::connector::GeneratorSpec;
+use crate::catalog::{read_source_offset, Source, SourceConnector};
+use crate::connector::{GeneratorSpec, KafkaSpec, RecordDecoder};
 use crate::state::Store;
 
 /// Rows per generated batch.
@@ -64,6 +70,50 @@ impl PartitionStream for Generated {
     }
 }
 
+#[derive(Debug)]
+struct KafkaScan {
+    name: String,
+    spec: KafkaSpec,
+    decoder: RecordDecoder,
+    schema: SchemaRef,
+    limit: Option<usize>,
+}
+
+impl PartitionStream for KafkaScan {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let (name, spec, decoder, limit) = (
+            self.name.clone(),
+            self.spec.clone(),
+            self.decoder.clone(),
+            self.limit,
+        );
+        // librdkafka blocks: read on a blocking thread.
+        let read = tokio::task::spawn_blocking(move || {
+            let to = spec.high_watermarks(&name)?;
+            spec.read_range(&name, &decoder, &spec.initial_positions(), &to, limit)
+        });
+        let batches = futures::stream::once(async move {
+            let result = match read.await {
+                Ok(Ok(batches)) => Ok(batches),
+                Ok(Err(e)) => Err(DataFusionError::External(Box::new(e))),
+                Err(e) => Err(DataFusionError::External(Box::new(e))),
+            };
+            futures::stream::iter(match result {
+                Ok(b) => b.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            })
+        });
+        Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            futures::StreamExt::flatten(batches),
+        ))
+    }
+}
+
 #[async_trait]
 impl TableProvider for SourceTable {
     fn schema(&self) -> SchemaRef {
@@ -81,6 +131,32 @@ impl TableProvider for SourceTable {
         _filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let spec = match &self.source.def.connector {
+            SourceConnector::Generator(g) => g.clone(),
+            SourceConnector::Kafka(k) => {
+                let decoder = self
+                    .source
+                    .def
+                    .decoder()
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?
+                    .ok_or_else(|| DataFusionError::Internal("no decoder".into()))?;
+                let part = KafkaScan {
+                    name: self.source.def.name.clone(),
+                    spec: k.clone(),
+                    decoder,
+                    schema: self.source.schema.clone(),
+                    limit,
+                };
+                return Ok(Arc::new(StreamingTableExec::try_new(
+                    self.source.schema.clone(),
+                    vec![Arc::new(part)],
+                    projection,
+                    vec![],
+                    false,
+                    limit,
+                )?));
+            }
+        };
         // Read while the caller holds the engine's snapshot lock: the same
         // commit as the views this statement reads.
         let end = read_source_offset(&self.store, self.source.def.id)
@@ -90,7 +166,7 @@ impl TableProvider for SourceTable {
             None => end,
         };
         let part = Generated {
-            spec: self.source.def.generator.clone(),
+            spec,
             schema: self.source.schema.clone(),
             end,
         };

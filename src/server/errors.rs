@@ -33,6 +33,8 @@ pub fn sqlstate(e: &Error) -> &'static str {
         Error::Storage(_) => "58030",
         Error::Io(_) => "58030",
         Error::Config(_) => "F0000",
+        Error::Decode(_) => "22P02",
+        Error::Connector(_) => "08001",
         Error::Internal(_) => "XX000",
     }
 }

@@ -15,7 +15,7 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::sqlparser::ast;
 use rocksdb::WriteBatch;
 
-use crate::catalog::{read_source_offset, MvDef, Relation};
+use crate::catalog::{read_positions, read_source_offset, MvDef, Relation, SourceConnector};
 use crate::dataflow::operator::OpCtx;
 use crate::dataflow::ChangeBatch;
 use crate::engine::Engine;
@@ -106,19 +106,47 @@ pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
             let table = match engine.catalog.get(source) {
                 Some(Relation::Table(t)) => t,
                 Some(Relation::MaterializedView(m)) => m.table.clone(),
-                Some(Relation::Source(s)) => {
-                    // A source's rows so far are regenerated from offset 0
-                    // to its committed offset, in epoch-sized pieces.
-                    let end = read_source_offset(&engine.store, s.def.id)?;
-                    let mut from = 0;
-                    while from < end {
-                        let to = end.min(from + MAX_EPOCH_ROWS);
-                        let rows = s.def.generator.generate(from, to)?;
-                        pipeline.process(*source_id, &ChangeBatch::uniform(rows, 1), &mut ctx)?;
-                        from = to;
+                Some(Relation::Source(s)) => match &s.def.connector {
+                    SourceConnector::Generator(g) => {
+                        // A generator's rows so far are regenerated from
+                        // offset 0 to its committed offset, in epoch-sized
+                        // pieces.
+                        let end = read_source_offset(&engine.store, s.def.id)?;
+                        let mut from = 0;
+                        while from < end {
+                            let to = end.min(from + MAX_EPOCH_ROWS);
+                            let rows = g.generate(from, to)?;
+                            pipeline.process(
+                                *source_id,
+                                &ChangeBatch::uniform(rows, 1),
+                                &mut ctx,
+                            )?;
+                            from = to;
+                        }
+                        continue;
                     }
-                    continue;
-                }
+                    SourceConnector::Kafka(k) => {
+                        // A Kafka source's records so far are read again,
+                        // from its start offsets to its committed
+                        // positions: exactly what the other views counted
+                        // (as long as the topic retains them).
+                        let decoder = s.def.decoder()?.ok_or_else(|| {
+                            Error::Internal("Kafka source without decoder".into())
+                        })?;
+                        let to = read_positions(&engine.store, s.def.id)?;
+                        let from = k.initial_positions();
+                        for rows in k.read_range(&s.def.name, &decoder, &from, &to, None)? {
+                            if rows.num_rows() > 0 {
+                                pipeline.process(
+                                    *source_id,
+                                    &ChangeBatch::uniform(rows, 1),
+                                    &mut ctx,
+                                )?;
+                            }
+                        }
+                        continue;
+                    }
+                },
                 _ => return Err(Error::UndefinedTable(source.clone())),
             };
             for b in StoredTable::new(table, engine.store.clone()).read(&[], None)? {

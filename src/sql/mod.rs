@@ -315,7 +315,7 @@ pub async fn execute(
             // Table writes maintain views inside their own commit: once no
             // write is in flight, everything written before is visible in
             // every view. Source rows wait for an epoch: ask for one now.
-            ctx.engine.driver.flush().await;
+            ctx.engine.driver.flush().await?;
             drop(ctx.engine.writer().await);
             Ok(Outcome::Command {
                 tag: "FLUSH",

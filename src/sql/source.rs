@@ -1,12 +1,25 @@
-//! `CREATE SOURCE`, `DROP SOURCE`, `SHOW SOURCES`: statements sqlparser
-//! does not know, parsed here from its tokens.
+//! `CREATE SOURCE`, `DROP SOURCE`, `SHOW SOURCES` and connections:
+//! statements sqlparser does not know, parsed here from its tokens.
 //!
 //! ```text
 //! CREATE SOURCE [IF NOT EXISTS] name FROM GENERATOR COUNTER [(RATE n, MAX n)]
 //! CREATE SOURCE [IF NOT EXISTS] name FROM GENERATOR NEXMARK
 //!     (TABLE 'person' | 'auction' | 'bid' [, RATE n] [, EVENTS n] [, BASE TIME ms])
+//! CREATE SOURCE [IF NOT EXISTS] name [(column type [NOT NULL], …)]
+//!     FROM KAFKA (BROKERS '…' | CONNECTION name,
+//!                 TOPIC '…' | TOPIC PATTERN 'regex'
+//!                 [, START OFFSET 'earliest' | 'latest' | (offset, …)]
+//!                 [, START TIMESTAMP ms] [, GROUP ID '…']
+//!                 [, 'librdkafka.property' [=] 'value' …])
+//!     FORMAT JSON | CSV [(DELIMITER 'c')] | TEXT | BYTES
+//!     [ENVELOPE NONE]
+//!     [INCLUDE KEY | PARTITION | OFFSET | TIMESTAMP | HEADERS [AS name], …]
+//!     [ON ERROR SKIP | FAIL]
 //! DROP SOURCE [IF EXISTS] name [, …] [CASCADE | RESTRICT]
 //! SHOW SOURCES
+//! CREATE CONNECTION [IF NOT EXISTS] name TO KAFKA (BROKERS '…' [, 'property' 'value' …])
+//! DROP CONNECTION [IF EXISTS] name [CASCADE | RESTRICT]
+//! SHOW CONNECTIONS
 //! ```
 //!
 //! [`split`] decides, per `;`-separated statement, whether it is one of
@@ -16,12 +29,14 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{RecordBatch, StringArray, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::sql::sqlparser::ast;
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
 use crate::catalog::types::SqlType;
-use crate::catalog::{ColumnDef, Relation, SourceDef};
-use crate::connector::{GeneratorSpec, NexmarkTable};
+use crate::catalog::{ColumnDef, ConnectionDef, Relation, SourceConnector, SourceDef};
+use crate::connector::kafka::{OnError, StartOffset, Topics};
+use crate::connector::{Format, GeneratorSpec, KafkaSpec, Meta, NexmarkTable};
 use crate::engine::Engine;
 use crate::error::{DataErrorKind, Error, Result};
 use crate::sql::{Outcome, Rows};
@@ -41,7 +56,9 @@ pub struct SourceStatement {
     pub kind: SourceStatementKind,
 }
 
-/// The source statements.
+/// The source statements. (Parsed once per statement: the Kafka
+/// variant's size does not matter.)
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceStatementKind {
     /// `CREATE SOURCE`.
@@ -56,6 +73,41 @@ pub enum SourceStatementKind {
         /// creation time.
         base_time_now: bool,
     },
+    /// `CREATE SOURCE … FROM KAFKA`.
+    CreateKafka {
+        /// Source name.
+        name: String,
+        /// `IF NOT EXISTS`.
+        if_not_exists: bool,
+        /// Declared value columns.
+        columns: Vec<ColumnDef>,
+        /// The definition (brokers and start offsets resolved at execution).
+        spec: KafkaSpec,
+        /// Names of the `INCLUDE`d metadata columns.
+        include_names: Vec<String>,
+    },
+    /// `CREATE CONNECTION … TO KAFKA`.
+    CreateConnection {
+        /// Name.
+        name: String,
+        /// `IF NOT EXISTS`.
+        if_not_exists: bool,
+        /// `bootstrap.servers`.
+        brokers: String,
+        /// librdkafka properties.
+        properties: Vec<(String, String)>,
+    },
+    /// `DROP CONNECTION`.
+    DropConnection {
+        /// `IF EXISTS`.
+        if_exists: bool,
+        /// Name.
+        name: String,
+        /// `CASCADE`: drop the sources using it.
+        cascade: bool,
+    },
+    /// `SHOW CONNECTIONS`.
+    ShowConnections,
     /// `DROP SOURCE`.
     Drop {
         /// `IF EXISTS`.
@@ -76,6 +128,7 @@ impl std::fmt::Display for SourceStatement {
 }
 
 /// A piece of a query string: one of our statements, or text for sqlparser.
+#[allow(clippy::large_enum_variant)]
 pub enum Piece {
     /// A source statement.
     Source(SourceStatement),
@@ -107,7 +160,12 @@ pub fn split(sql: &str) -> Result<Option<Vec<Piece>>> {
                 .map(String::as_str)
                 .collect::<Vec<_>>()
                 .as_slice(),
-            ["CREATE", "SOURCE"] | ["DROP", "SOURCE"] | ["SHOW", "SOURCES"]
+            ["CREATE", "SOURCE"]
+                | ["DROP", "SOURCE"]
+                | ["SHOW", "SOURCES"]
+                | ["CREATE", "CONNECTION"]
+                | ["DROP", "CONNECTION"]
+                | ["SHOW", "CONNECTIONS"]
         );
         if is_ours {
             ours = true;
@@ -218,11 +276,32 @@ impl Cursor<'_> {
 
     fn statement(mut self) -> Result<SourceStatementKind> {
         if self.keyword("SHOW") {
+            if self.keyword("CONNECTIONS") {
+                self.end()?;
+                return Ok(SourceStatementKind::ShowConnections);
+            }
             self.expect_keyword("SOURCES")?;
             self.end()?;
             return Ok(SourceStatementKind::Show);
         }
-        if self.keyword("DROP") {
+        if self.keyword("DROP") && self.keyword("CONNECTION") {
+            let if_exists = self.keyword("IF") && {
+                self.expect_keyword("EXISTS")?;
+                true
+            };
+            let name = self.ident()?;
+            let cascade = self.keyword("CASCADE");
+            if !cascade {
+                self.keyword("RESTRICT");
+            }
+            self.end()?;
+            return Ok(SourceStatementKind::DropConnection {
+                if_exists,
+                name,
+                cascade,
+            });
+        }
+        if self.pos > 0 {
             self.expect_keyword("SOURCE")?;
             let if_exists = self.keyword("IF") && {
                 self.expect_keyword("EXISTS")?;
@@ -244,22 +323,45 @@ impl Cursor<'_> {
             });
         }
         self.expect_keyword("CREATE")?;
-        self.expect_keyword("SOURCE")?;
+        let connection = self.keyword("CONNECTION");
+        if !connection {
+            self.expect_keyword("SOURCE")?;
+        }
         let if_not_exists = self.keyword("IF") && {
             self.expect_keyword("NOT")?;
             self.expect_keyword("EXISTS")?;
             true
         };
         let name = self.ident()?;
-        if self.token(&Token::LParen) {
-            return Err(Error::unsupported(
-                "a column list in CREATE SOURCE is only for Kafka sources, which are not supported yet; a generator defines its own columns",
-            ));
+        if connection {
+            self.expect_keyword("TO")?;
+            self.expect_keyword("KAFKA")?;
+            let (opts, properties) = self.named_options(&["BROKERS"])?;
+            self.end()?;
+            let brokers = opts
+                .into_iter()
+                .find(|(k, _)| k == "BROKERS")
+                .map(|(_, v)| v.text())
+                .ok_or_else(|| Error::Syntax("CREATE CONNECTION needs BROKERS".into()))?;
+            return Ok(SourceStatementKind::CreateConnection {
+                name,
+                if_not_exists,
+                brokers,
+                properties,
+            });
         }
+        let columns = if self.peek() == Some(&Token::LParen) {
+            Some(self.column_list(&name)?)
+        } else {
+            None
+        };
         self.expect_keyword("FROM")?;
         if self.keyword("KAFKA") {
-            return Err(Error::unsupported(
-                "Kafka sources are not supported yet; use FROM GENERATOR COUNTER or NEXMARK",
+            return self.kafka(name, if_not_exists, columns);
+        }
+        if columns.is_some() {
+            return Err(Error::Syntax(
+                "a column list in CREATE SOURCE is only for Kafka sources; a generator defines its own columns".into(),
             ));
         }
         self.expect_keyword("GENERATOR")?;
@@ -300,41 +402,275 @@ impl Cursor<'_> {
         })
     }
 
-    /// `[( NAME [=] value, … )]`, names from `allowed`, each at most once.
-    fn options(&mut self, allowed: &[&str]) -> Result<Vec<(String, String)>> {
-        let mut out: Vec<(String, String)> = Vec::new();
+    /// `(col type …, …)`, parsed by sqlparser as a table's columns.
+    fn column_list(&mut self, name: &str) -> Result<Vec<ColumnDef>> {
+        let start = self.pos;
+        let mut depth = 0usize;
+        loop {
+            match self.peek() {
+                None => return Err(self.error("\")\" closing the column list")),
+                Some(Token::LParen) => depth += 1,
+                Some(Token::RParen) => {
+                    depth -= 1;
+                    if depth == 0 {
+                        self.pos += 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+            self.pos += 1;
+        }
+        let text: Vec<String> = self.tokens[start..self.pos]
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        let sql = format!("CREATE TABLE source_columns {}", text.join(" "));
+        let stmts = crate::sql::parse_sql(&sql)?;
+        let [ast::Statement::CreateTable(ct)] = stmts.as_slice() else {
+            return Err(Error::Syntax("invalid column list".into()));
+        };
+        let def = crate::sql::create_table::table_def(name, ct)?;
+        if !def.primary_key.is_empty() {
+            return Err(Error::unsupported(
+                "a source has no primary key (ENVELOPE UPSERT keys by the Kafka key)",
+            ));
+        }
+        Ok(def.columns)
+    }
+
+    /// `FROM KAFKA (…) FORMAT … [ENVELOPE …] [INCLUDE …] [ON ERROR …]`.
+    fn kafka(
+        &mut self,
+        name: String,
+        if_not_exists: bool,
+        columns: Option<Vec<ColumnDef>>,
+    ) -> Result<SourceStatementKind> {
+        let (opts, properties) = self.named_options(&[
+            "BROKERS",
+            "CONNECTION",
+            "TOPIC",
+            "TOPIC PATTERN",
+            "START OFFSET",
+            "START TIMESTAMP",
+            "GROUP ID",
+        ])?;
+        let get = |k: &str| opts.iter().find(|(n, _)| n == k).map(|(_, v)| v);
+        let topics = match (get("TOPIC"), get("TOPIC PATTERN")) {
+            (Some(t), None) => Topics::Name(t.text()),
+            (None, Some(p)) => Topics::Pattern(p.text()),
+            _ => {
+                return Err(Error::Syntax(
+                    "FROM KAFKA needs exactly one of TOPIC or TOPIC PATTERN".into(),
+                ))
+            }
+        };
+        let (brokers, connection) = match (get("BROKERS"), get("CONNECTION")) {
+            (Some(b), None) => (b.text(), None),
+            (None, Some(c)) => (String::new(), Some(c.text().to_lowercase())),
+            _ => {
+                return Err(Error::Syntax(
+                    "FROM KAFKA needs exactly one of BROKERS or CONNECTION".into(),
+                ))
+            }
+        };
+        let start = match (get("START OFFSET"), get("START TIMESTAMP")) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Syntax(
+                    "START OFFSET and START TIMESTAMP exclude each other".into(),
+                ))
+            }
+            (None, None) => StartOffset::Earliest,
+            (None, Some(ts)) => StartOffset::Timestamp(ts.int("START TIMESTAMP")?),
+            (Some(OptValue::List(l)), None) => {
+                if matches!(topics, Topics::Pattern(_)) {
+                    return Err(Error::Syntax(
+                        "per-partition START OFFSET needs a single TOPIC".into(),
+                    ));
+                }
+                StartOffset::Offsets(l.clone())
+            }
+            (Some(v), None) => match v.text().to_ascii_lowercase().as_str() {
+                "earliest" => StartOffset::Earliest,
+                "latest" => StartOffset::Latest,
+                other => {
+                    return Err(Error::data(
+                        DataErrorKind::InvalidParameterValue,
+                        format!(
+                            "START OFFSET must be 'earliest', 'latest' or a list of offsets, not '{other}'"
+                        ),
+                    ))
+                }
+            },
+        };
+        let group_id = get("GROUP ID").map(|v| v.text());
+
+        let mut format = None;
+        let mut include: Vec<(Meta, String)> = Vec::new();
+        let mut on_error = None;
+        let mut envelope = false;
+        while self.peek().is_some() {
+            if self.keyword("FORMAT") {
+                if format.is_some() {
+                    return Err(Error::Syntax("FORMAT given twice".into()));
+                }
+                format = Some(if self.keyword("JSON") {
+                    Format::Json
+                } else if self.keyword("CSV") {
+                    let o = self.options(&["DELIMITER"])?;
+                    let delimiter = match o.first() {
+                        None => b',',
+                        Some((_, d)) if d.len() == 1 && d.is_ascii() => d.as_bytes()[0],
+                        Some((_, d)) => {
+                            return Err(Error::data(
+                                DataErrorKind::InvalidParameterValue,
+                                format!("DELIMITER must be one ASCII character, not '{d}'"),
+                            ))
+                        }
+                    };
+                    Format::Csv { delimiter }
+                } else if self.keyword("TEXT") {
+                    Format::Text
+                } else if self.keyword("BYTES") {
+                    Format::Bytes
+                } else if self.keyword("AVRO") {
+                    return Err(Error::unsupported("FORMAT AVRO is not supported yet"));
+                } else {
+                    return Err(self.error("JSON, CSV, TEXT or BYTES"));
+                });
+            } else if self.keyword("ENVELOPE") {
+                if envelope {
+                    return Err(Error::Syntax("ENVELOPE given twice".into()));
+                }
+                envelope = true;
+                if self.keyword("UPSERT") || self.keyword("DEBEZIUM") {
+                    return Err(Error::unsupported(
+                        "ENVELOPE UPSERT and DEBEZIUM are not supported yet; sources are append-only (ENVELOPE NONE)",
+                    ));
+                }
+                self.expect_keyword("NONE")?;
+            } else if self.keyword("INCLUDE") {
+                loop {
+                    let word = upper_word(self.peek().unwrap_or(&Token::EOF));
+                    let m = Meta::parse(&word).ok_or_else(|| {
+                        self.error("KEY, PARTITION, OFFSET, TIMESTAMP or HEADERS")
+                    })?;
+                    self.pos += 1;
+                    let col = if self.keyword("AS") {
+                        self.ident()?
+                    } else {
+                        m.default_name().to_string()
+                    };
+                    if include.iter().any(|(x, _)| *x == m) {
+                        return Err(Error::Syntax(format!("INCLUDE {word} given twice")));
+                    }
+                    include.push((m, col));
+                    if !self.token(&Token::Comma) {
+                        break;
+                    }
+                }
+            } else if self.keyword("ON") {
+                self.expect_keyword("ERROR")?;
+                if on_error.is_some() {
+                    return Err(Error::Syntax("ON ERROR given twice".into()));
+                }
+                on_error = Some(if self.keyword("SKIP") {
+                    OnError::Skip
+                } else if self.keyword("FAIL") {
+                    OnError::Fail
+                } else if self.keyword("DEAD") {
+                    return Err(Error::unsupported(
+                        "ON ERROR DEAD LETTER TOPIC is not supported yet; bad records are in sluice_source_errors",
+                    ));
+                } else {
+                    return Err(self.error("SKIP or FAIL"));
+                });
+            } else {
+                return Err(self.error("FORMAT, ENVELOPE, INCLUDE, ON ERROR or end of statement"));
+            }
+        }
+        let format = format.ok_or_else(|| {
+            Error::Syntax("a Kafka source needs FORMAT JSON, CSV, TEXT or BYTES".into())
+        })?;
+        let columns = match (columns, &format) {
+            (Some(c), _) => c,
+            (None, Format::Text) => vec![ColumnDef {
+                name: "text".into(),
+                ty: SqlType::Text,
+                nullable: false,
+            }],
+            (None, Format::Bytes) => vec![ColumnDef {
+                name: "data".into(),
+                ty: SqlType::Bytea,
+                nullable: false,
+            }],
+            (None, _) => {
+                return Err(Error::Syntax(format!(
+                "FORMAT {} needs a column list: CREATE SOURCE {name} (column type, …) FROM KAFKA …",
+                format.to_string().to_uppercase()
+            )))
+            }
+        };
+        Ok(SourceStatementKind::CreateKafka {
+            name,
+            if_not_exists,
+            columns,
+            include_names: include.iter().map(|(_, n)| n.clone()).collect(),
+            spec: KafkaSpec {
+                brokers,
+                topics,
+                properties,
+                connection,
+                group_id,
+                start,
+                format,
+                include: include.into_iter().map(|(m, _)| m).collect(),
+                on_error: on_error.unwrap_or(OnError::Skip),
+                starts: Vec::new(),
+            },
+        })
+    }
+
+    /// `( NAME value, … )` where NAME is one of `allowed` (two-word names
+    /// like `GROUP ID` included) and a quoted name is a librdkafka property.
+    fn named_options(&mut self, allowed: &[&str]) -> Result<KafkaOptions> {
+        let mut opts: Vec<(String, OptValue)> = Vec::new();
+        let mut props: Vec<(String, String)> = Vec::new();
         if !self.token(&Token::LParen) {
-            return Ok(out);
+            return Err(self.error("\"(\" and options"));
         }
         loop {
-            let mut name = upper_word(self.peek().unwrap_or(&Token::EOF));
-            if name.is_empty() {
-                return Err(self.error(&format!("an option ({})", allowed.join(", "))));
+            if let Some(Token::SingleQuotedString(k)) = self.peek() {
+                let k = k.clone();
+                self.pos += 1;
+                self.token(&Token::Eq);
+                let v = self.opt_value(&k)?.text();
+                props.push((k, v));
+            } else {
+                let mut name = upper_word(self.peek().unwrap_or(&Token::EOF));
+                if name.is_empty() {
+                    return Err(self.error(&format!("an option ({})", allowed.join(", "))));
+                }
+                self.pos += 1;
+                let next = upper_word(self.peek().unwrap_or(&Token::EOF));
+                let two = format!("{name} {next}");
+                if allowed.contains(&two.as_str()) {
+                    self.pos += 1;
+                    name = two;
+                }
+                if !allowed.contains(&name.as_str()) {
+                    return Err(Error::Syntax(format!(
+                        "unknown option {name}; expected one of {}",
+                        allowed.join(", ")
+                    )));
+                }
+                if opts.iter().any(|(k, _)| *k == name) {
+                    return Err(Error::Syntax(format!("option {name} given twice")));
+                }
+                self.token(&Token::Eq);
+                let v = self.opt_value(&name)?;
+                opts.push((name, v));
             }
-            self.pos += 1;
-            if name == "BASE" {
-                self.expect_keyword("TIME")?;
-                name = "BASE TIME".into();
-            }
-            if !allowed.contains(&name.as_str()) {
-                return Err(Error::Syntax(format!(
-                    "unknown option {name}; expected one of {}",
-                    allowed.join(", ")
-                )));
-            }
-            if out.iter().any(|(k, _)| *k == name) {
-                return Err(Error::Syntax(format!("option {name} given twice")));
-            }
-            self.token(&Token::Eq);
-            let value = match self.peek() {
-                Some(Token::SingleQuotedString(s)) => s.clone(),
-                Some(Token::Word(w)) => w.value.clone(),
-                // Integer options are validated by `opt`.
-                Some(Token::Number(n, _)) => n.clone(),
-                _ => return Err(self.error(&format!("a value for {name}"))),
-            };
-            self.pos += 1;
-            out.push((name, value));
             if !self.token(&Token::Comma) {
                 break;
             }
@@ -342,7 +678,88 @@ impl Cursor<'_> {
         if !self.token(&Token::RParen) {
             return Err(self.error("\",\" or \")\""));
         }
-        Ok(out)
+        Ok((opts, props))
+    }
+
+    fn opt_value(&mut self, name: &str) -> Result<OptValue> {
+        let v = match self.peek() {
+            Some(Token::SingleQuotedString(s)) => OptValue::Text(s.clone()),
+            Some(Token::Word(w)) => OptValue::Text(w.value.clone()),
+            Some(Token::Number(n, _)) => OptValue::Text(n.clone()),
+            Some(Token::LParen) => {
+                self.pos += 1;
+                let mut list = Vec::new();
+                loop {
+                    let neg = self.token(&Token::Minus);
+                    match self.peek() {
+                        Some(Token::Number(n, _)) => {
+                            let v: i64 = n.parse().map_err(|_| {
+                                Error::data(
+                                    DataErrorKind::InvalidParameterValue,
+                                    format!("{name}: '{n}' is not an integer"),
+                                )
+                            })?;
+                            list.push(if neg { -v } else { v });
+                            self.pos += 1;
+                        }
+                        _ => return Err(self.error("an integer")),
+                    }
+                    if !self.token(&Token::Comma) {
+                        break;
+                    }
+                }
+                if !self.token(&Token::RParen) {
+                    return Err(self.error("\")\""));
+                }
+                return Ok(OptValue::List(list));
+            }
+            _ => return Err(self.error(&format!("a value for {name}"))),
+        };
+        self.pos += 1;
+        Ok(v)
+    }
+
+    /// `[( NAME [=] value, … )]`, names from `allowed`, each at most once.
+    fn options(&mut self, allowed: &[&str]) -> Result<Vec<(String, String)>> {
+        if self.peek() != Some(&Token::LParen) {
+            return Ok(Vec::new());
+        }
+        let (opts, props) = self.named_options(allowed)?;
+        if let Some((k, _)) = props.first() {
+            return Err(Error::Syntax(format!(
+                "unknown option '{k}'; expected one of {}",
+                allowed.join(", ")
+            )));
+        }
+        Ok(opts.into_iter().map(|(k, v)| (k, v.text())).collect())
+    }
+}
+
+/// Named options and quoted librdkafka properties.
+type KafkaOptions = (Vec<(String, OptValue)>, Vec<(String, String)>);
+
+/// A Kafka option's value.
+#[derive(Debug, Clone)]
+enum OptValue {
+    Text(String),
+    List(Vec<i64>),
+}
+
+impl OptValue {
+    fn text(&self) -> String {
+        match self {
+            OptValue::Text(s) => s.clone(),
+            OptValue::List(l) => format!("{l:?}"),
+        }
+    }
+
+    fn int(&self, name: &str) -> Result<i64> {
+        self.text().parse().map_err(|_| {
+            Error::data(
+                DataErrorKind::InvalidParameterValue,
+                format!("{name} must be an integer, not '{}'", self.text()),
+            )
+        })
     }
 }
 
@@ -363,9 +780,19 @@ fn opt(opts: &[(String, String)], name: &str) -> Result<Option<u64>> {
 pub fn show_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("name", DataType::Utf8, false),
-        Field::new("generator", DataType::Utf8, false),
+        Field::new("connector", DataType::Utf8, false),
         Field::new("offset", DataType::UInt64, false),
         Field::new("state", DataType::Utf8, false),
+        Field::new("errors", DataType::UInt64, false),
+    ]))
+}
+
+/// Schema of `SHOW CONNECTIONS`.
+pub fn show_connections_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("name", DataType::Utf8, false),
+        Field::new("brokers", DataType::Utf8, false),
+        Field::new("properties", DataType::Utf8, false),
     ]))
 }
 
@@ -387,7 +814,102 @@ pub async fn execute(engine: &Engine, stmt: &SourceStatement) -> Result<Outcome>
                         .unwrap_or(0);
                 }
             }
-            create(engine, name, *if_not_exists, generator).await
+            let columns = generator
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| {
+                    Ok(ColumnDef {
+                        name: f.name().clone(),
+                        ty: SqlType::from_arrow(f.data_type())?,
+                        nullable: f.is_nullable(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            create(
+                engine,
+                name,
+                *if_not_exists,
+                columns,
+                SourceConnector::Generator(generator),
+            )
+            .await
+        }
+        SourceStatementKind::CreateKafka {
+            name,
+            if_not_exists,
+            columns,
+            spec,
+            include_names,
+        } => {
+            create_kafka(
+                engine,
+                name,
+                *if_not_exists,
+                columns,
+                spec.clone(),
+                include_names,
+            )
+            .await
+        }
+        SourceStatementKind::CreateConnection {
+            name,
+            if_not_exists,
+            brokers,
+            properties,
+        } => {
+            let _writer = engine.writer().await;
+            match engine.catalog.create_connection(ConnectionDef {
+                id: 0,
+                name: name.clone(),
+                brokers: brokers.clone(),
+                properties: properties.clone(),
+            }) {
+                Ok(()) => {}
+                Err(Error::DuplicateObject(_)) if *if_not_exists => {}
+                Err(Error::DuplicateObject(n)) => {
+                    return Err(Error::DuplicateObject(format!("connection {n}")))
+                }
+                Err(e) => return Err(e),
+            }
+            Ok(Outcome::Command {
+                tag: "CREATE CONNECTION",
+                rows: None,
+            })
+        }
+        SourceStatementKind::DropConnection {
+            if_exists,
+            name,
+            cascade,
+        } => drop_connection(engine, *if_exists, name, *cascade).await,
+        SourceStatementKind::ShowConnections => {
+            let conns = engine.catalog.connections();
+            let schema = show_connections_schema();
+            let names: StringArray = conns.iter().map(|c| Some(c.name.clone())).collect();
+            let brokers: StringArray = conns.iter().map(|c| Some(c.brokers.clone())).collect();
+            // Property values may be secrets (SASL passwords): names only.
+            let props: StringArray = conns
+                .iter()
+                .map(|c| {
+                    Some(
+                        c.properties
+                            .iter()
+                            .map(|(k, _)| k.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    )
+                })
+                .collect();
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(names), Arc::new(brokers), Arc::new(props)],
+            )?;
+            Ok(Outcome::Rows(Rows {
+                schema,
+                batches: vec![batch],
+                names: None,
+                tag: "SHOW",
+            }))
         }
         SourceStatementKind::Drop {
             if_exists,
@@ -402,24 +924,13 @@ async fn create(
     engine: &Engine,
     name: &str,
     if_not_exists: bool,
-    generator: GeneratorSpec,
+    columns: Vec<ColumnDef>,
+    connector: SourceConnector,
 ) -> Result<Outcome> {
     let done = Outcome::Command {
         tag: "CREATE SOURCE",
         rows: None,
     };
-    let columns = generator
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| {
-            Ok(ColumnDef {
-                name: f.name().clone(),
-                ty: SqlType::from_arrow(f.data_type())?,
-                nullable: f.is_nullable(),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
     let _writer = engine.writer().await;
     if engine.catalog.get(name).is_some() {
         if if_not_exists {
@@ -431,10 +942,126 @@ async fn create(
         id: 0,
         name: name.to_string(),
         columns,
-        generator,
+        connector,
     })?;
-    engine.driver.add(engine, &source)?;
+    if let Err(e) = engine.driver.add(engine, &source) {
+        // Nothing half-created: the source goes again.
+        let _ = engine.catalog.drop_relations(&[name.to_string()]);
+        return Err(e);
+    }
     Ok(done)
+}
+
+async fn create_kafka(
+    engine: &Engine,
+    name: &str,
+    if_not_exists: bool,
+    columns: &[ColumnDef],
+    mut spec: KafkaSpec,
+    include_names: &[String],
+) -> Result<Outcome> {
+    if if_not_exists && engine.catalog.get(name).is_some() {
+        return Ok(Outcome::Command {
+            tag: "CREATE SOURCE",
+            rows: None,
+        });
+    }
+    if let Some(conn) = &spec.connection {
+        let c = engine.catalog.connection(conn).ok_or_else(|| {
+            Error::UndefinedObject(format!("connection \"{conn}\" does not exist"))
+        })?;
+        spec.brokers = c.brokers;
+        let own = std::mem::take(&mut spec.properties);
+        spec.properties = c.properties;
+        spec.properties.extend(own);
+    }
+    let mut columns = columns.to_vec();
+    for (m, n) in spec.include.iter().zip(include_names) {
+        columns.push(ColumnDef {
+            name: n.clone(),
+            ty: SqlType::from_arrow(&m.data_type())?,
+            nullable: true,
+        });
+    }
+    for (i, c) in columns.iter().enumerate() {
+        if columns[..i].iter().any(|d| d.name == c.name) {
+            return Err(Error::Plan(format!(
+                "column \"{}\" specified more than once (rename an INCLUDEd column with AS)",
+                c.name
+            )));
+        }
+    }
+    // Check the columns fit the format before contacting the brokers.
+    let probe = SourceDef {
+        id: 0,
+        name: name.to_string(),
+        columns: columns.clone(),
+        connector: SourceConnector::Kafka(spec.clone()),
+    };
+    probe.decoder()?;
+    // librdkafka blocks while it contacts the brokers.
+    let source_name = name.to_string();
+    let spec = tokio::task::spawn_blocking(move || {
+        spec.resolve(&source_name)?;
+        Ok::<_, Error>(spec)
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))??;
+    create(
+        engine,
+        name,
+        if_not_exists,
+        columns,
+        SourceConnector::Kafka(spec),
+    )
+    .await
+}
+
+async fn drop_connection(
+    engine: &Engine,
+    if_exists: bool,
+    name: &str,
+    cascade: bool,
+) -> Result<Outcome> {
+    let _writer = engine.writer().await;
+    if engine.catalog.connection(name).is_none() {
+        if if_exists {
+            return Ok(Outcome::Command {
+                tag: "DROP CONNECTION",
+                rows: None,
+            });
+        }
+        return Err(Error::UndefinedObject(format!(
+            "connection \"{name}\" does not exist"
+        )));
+    }
+    let users: Vec<String> = engine
+        .catalog
+        .sources()
+        .iter()
+        .filter(|s| {
+            matches!(&s.def.connector, SourceConnector::Kafka(k) if k.connection.as_deref() == Some(name))
+        })
+        .map(|s| s.def.name.clone())
+        .collect();
+    if !users.is_empty() {
+        if !cascade {
+            return Err(Error::DependentObjects(format!(
+                "cannot drop connection {name} because source {} uses it (use DROP … CASCADE)",
+                users.join(", ")
+            )));
+        }
+        let mut to_drop = Vec::new();
+        for u in &users {
+            crate::sql::drop::collect(engine, u, true, &mut to_drop)?;
+        }
+        crate::sql::drop::drop_collected(engine, &to_drop)?;
+    }
+    engine.catalog.drop_connection(name)?;
+    Ok(Outcome::Command {
+        tag: "DROP CONNECTION",
+        rows: None,
+    })
 }
 
 async fn drop_sources(
@@ -472,43 +1099,19 @@ async fn drop_sources(
 fn show(engine: &Engine) -> Result<Outcome> {
     let status = engine.driver.status();
     let schema = show_schema();
-    let names: StringArray = status.iter().map(|s| Some(s.0.clone())).collect();
-    let generators: StringArray = status
-        .iter()
-        .map(|(_, spec, _, _)| {
-            Some(match spec {
-                GeneratorSpec::Counter { rate, max } => format!(
-                    "counter (rate {}{})",
-                    rate_text(*rate),
-                    max.map(|m| format!(", max {m}")).unwrap_or_default()
-                ),
-                GeneratorSpec::Nexmark {
-                    table,
-                    rate,
-                    events,
-                    ..
-                } => format!(
-                    "nexmark {} (rate {}{})",
-                    match table {
-                        NexmarkTable::Person => "person",
-                        NexmarkTable::Auction => "auction",
-                        NexmarkTable::Bid => "bid",
-                    },
-                    rate_text(*rate),
-                    events.map(|e| format!(", events {e}")).unwrap_or_default()
-                ),
-            })
-        })
-        .collect();
-    let offsets: UInt64Array = status.iter().map(|s| Some(s.2)).collect();
-    let states: StringArray = status.iter().map(|s| Some(s.3.to_string())).collect();
+    let names: StringArray = status.iter().map(|s| Some(s.name.clone())).collect();
+    let connectors: StringArray = status.iter().map(|s| Some(s.connector.clone())).collect();
+    let offsets: UInt64Array = status.iter().map(|s| Some(s.offset)).collect();
+    let states: StringArray = status.iter().map(|s| Some(s.state.clone())).collect();
+    let errors: UInt64Array = status.iter().map(|s| Some(s.errors)).collect();
     let batch = RecordBatch::try_new(
         schema.clone(),
         vec![
             Arc::new(names),
-            Arc::new(generators),
+            Arc::new(connectors),
             Arc::new(offsets),
             Arc::new(states),
+            Arc::new(errors),
         ],
     )?;
     Ok(Outcome::Rows(Rows {
@@ -517,14 +1120,6 @@ fn show(engine: &Engine) -> Result<Outcome> {
         names: None,
         tag: "SHOW",
     }))
-}
-
-fn rate_text(rate: u64) -> String {
-    if rate == 0 {
-        "unlimited".into()
-    } else {
-        format!("{rate}/s")
-    }
 }
 
 #[cfg(test)]
@@ -578,6 +1173,88 @@ mod tests {
     }
 
     #[test]
+    fn parses_kafka() {
+        let SourceStatementKind::CreateKafka {
+            name,
+            columns,
+            spec,
+            include_names,
+            ..
+        } = one(
+            "CREATE SOURCE bids (auction BIGINT, bidder BIGINT, price BIGINT, date_time TIMESTAMP)
+             FROM KAFKA (BROKERS '127.0.0.1:9092', TOPIC 'bids', START OFFSET 'earliest')
+             FORMAT JSON;",
+        )
+        .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(name, "bids");
+        assert_eq!(columns.len(), 4);
+        assert!(include_names.is_empty());
+        assert_eq!(spec.brokers, "127.0.0.1:9092");
+        assert_eq!(spec.topics, Topics::Name("bids".into()));
+        assert_eq!(spec.start, StartOffset::Earliest);
+        assert_eq!(spec.format, Format::Json);
+        assert_eq!(spec.on_error, OnError::Skip);
+
+        let SourceStatementKind::CreateKafka {
+            columns,
+            spec,
+            include_names,
+            ..
+        } = one("create source s from kafka (connection k, topic 'bids',
+               start offset (1, 2), group id 'g', 'security.protocol' = 'plaintext',
+               'fetch.min.bytes' 1)
+             format text include partition, offset as o, key on error fail")
+        .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(columns[0].name, "text");
+        assert_eq!(include_names, vec!["partition", "o", "key"]);
+        assert_eq!(spec.connection.as_deref(), Some("k"));
+        assert_eq!(spec.topics, Topics::Name("bids".into()));
+        assert_eq!(spec.start, StartOffset::Offsets(vec![1, 2]));
+        let SourceStatementKind::CreateKafka { spec: pattern, .. } = one(
+            "create source s (v bytea) from kafka (brokers 'b', topic pattern 'bids-.*', start timestamp 5) format bytes",
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(pattern.topics, Topics::Pattern("bids-.*".into()));
+        assert_eq!(pattern.start, StartOffset::Timestamp(5));
+        assert_eq!(spec.group_id.as_deref(), Some("g"));
+        assert_eq!(
+            spec.properties,
+            vec![
+                ("security.protocol".into(), "plaintext".into()),
+                ("fetch.min.bytes".into(), "1".into())
+            ]
+        );
+        assert_eq!(spec.include, vec![Meta::Partition, Meta::Offset, Meta::Key]);
+        assert_eq!(spec.on_error, OnError::Fail);
+
+        assert_eq!(
+            one("CREATE CONNECTION k TO KAFKA (BROKERS 'b:9092', 'sasl.username' 'u')").unwrap(),
+            SourceStatementKind::CreateConnection {
+                name: "k".into(),
+                if_not_exists: false,
+                brokers: "b:9092".into(),
+                properties: vec![("sasl.username".into(), "u".into())],
+            }
+        );
+        assert_eq!(
+            one("drop connection if exists k cascade").unwrap(),
+            SourceStatementKind::DropConnection {
+                if_exists: true,
+                name: "k".into(),
+                cascade: true
+            }
+        );
+    }
+
+    #[test]
     fn mixes_with_sqlparser_statements() {
         let pieces = split("select ';'; show sources; select 2")
             .unwrap()
@@ -599,6 +1276,17 @@ mod tests {
             "create source c from generator nexmark (table 'bids')",
             "create source c from generator",
             "create source c from kafka (brokers 'x')",
+            "create source c from kafka (brokers 'x', topic 't')",
+            "create source c (a int) from kafka (brokers 'x', topic 't', topic pattern 'u') format json",
+            "create source c (a int) from kafka (topic 't') format json",
+            "create source c (a int) from kafka (brokers 'x', topic 't', start offset 'middle') format json",
+            "create source c (a int) from kafka (brokers 'x', topic 't') format json format json",
+            "create source c (a int) from kafka (brokers 'x', topic 't') format json include nothing",
+            "create source c (a int) from kafka (brokers 'x', topic 't') format csv (delimiter 'ab')",
+            "create source c (a int primary key) from kafka (brokers 'x', topic 't') format json",
+            "create source c (a int) from kafka (brokers 'x', topic 't') format avro",
+            "create source c (a int) from kafka (brokers 'x', topic 't') format json envelope upsert",
+            "create connection k to kafka ('a' 'b')",
             "create source (a int) from generator counter",
             "drop source",
             "show sources now",

@@ -8,7 +8,8 @@
 //! | `0u32 · 0x01 · object id (u32)` | catalog entry (JSON, see `catalog`) |
 //! | `0u32 · 0x02 · name` | metadata (e.g. `next_object_id`, u32 BE) |
 //! | `0u32 · 0x03 · table id (u32)` | next hidden row id of a table without a primary key (u64 BE) |
-//! | `0u32 · 0x04 · source id (u32)` | committed offset of a source (u64 BE), written with each epoch |
+//! | `0u32 · 0x04 · source id (u32)` | committed position of a source (generator: u64 BE offset; Kafka: JSON `[[topic, partition, next offset], …]`), written with each epoch |
+//! | `0u32 · 0x05 · source id · topic · 0 · partition · offset` | a record a Kafka source could not decode (JSON), written with the epoch that read it |
 //! | `table id · encoded primary key` | encoded row (see [`super::encoding`]) |
 //!
 //! Every change — a DDL statement, a DML statement, a source epoch — is one
@@ -31,6 +32,9 @@ pub const SYS_ROWID: u8 = 0x03;
 
 /// Sub-keyspace of the system table holding sources' committed offsets.
 pub const SYS_OFFSET: u8 = 0x04;
+
+/// Sub-keyspace of the system table holding Kafka sources' bad records.
+pub const SYS_SOURCE_ERRORS: u8 = 0x05;
 
 /// The key of a system-keyspace entry.
 pub fn sys_key(space: u8, suffix: &[u8]) -> Vec<u8> {

@@ -1,0 +1,768 @@
+//! Kafka sources: topics read with rdkafka, positions committed with the
+//! views.
+//!
+//! A Kafka partition is an append-only log addressed by offset — the same
+//! shape as a generator (see [`crate::connector`]), with one offset per
+//! partition instead of one per source. A source's position is therefore a
+//! [`Positions`] map, `(topic, partition) → next offset`, stored in the
+//! epoch's `WriteBatch` next to the view state it produced. After a crash
+//! the reader is assigned exactly those offsets and the records after them
+//! are read again: exactly once into every view.
+//!
+//! Partitions are **assigned**, not subscribed: Sluice owns the positions,
+//! so a consumer-group rebalance can never move them. The group id is used
+//! only to commit the committed positions back to Kafka after each epoch,
+//! for external lag tools.
+//!
+//! [`KafkaReader`] runs one thread per source that polls, decodes
+//! ([`RecordDecoder`], on that thread, so decoding runs beside the epoch
+//! driver rather than inside it) and hands [`Chunk`]s through a bounded
+//! channel — a slow pipeline backs up into Kafka, never into memory. Every
+//! few seconds it refreshes metadata: new partitions (and new topics
+//! matching a `TOPIC PATTERN`) are assigned from their start, a missing
+//! topic or an unreachable broker shows as the source's error state, and
+//! librdkafka reconnects by itself when the broker returns.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use parking_lot::Mutex;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::metadata::Metadata;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use super::format::{BadRecord, Format, HeaderRef, Meta, RecordDecoder, RecordRef};
+use crate::error::{Error, Result};
+
+/// `(topic, partition) → next offset to read`.
+pub type Positions = BTreeMap<(String, i32), i64>;
+
+/// How long CREATE SOURCE waits for the brokers.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most records per decoded chunk.
+const CHUNK_RECORDS: usize = 8192;
+/// Chunks buffered between the reader and the epoch driver.
+const CHANNEL_CHUNKS: usize = 4;
+/// How often the reader refreshes partitions and watermarks.
+const REFRESH: Duration = Duration::from_secs(2);
+
+/// Which topics a source reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Topics {
+    /// One topic.
+    Name(String),
+    /// Every topic whose whole name matches this regular expression.
+    Pattern(String),
+}
+
+/// Where a source starts reading partitions that exist when it is created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartOffset {
+    /// The oldest retained record.
+    Earliest,
+    /// After the newest record at creation.
+    Latest,
+    /// Per partition, by partition number (one topic).
+    Offsets(Vec<i64>),
+    /// The first record at or after this time (milliseconds since epoch).
+    Timestamp(i64),
+}
+
+/// What a source does with a record it cannot decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Record it in `sluice_source_errors` and go on.
+    Skip,
+    /// Stop the source, with the error visible in `SHOW SOURCES`.
+    Fail,
+}
+
+/// A Kafka source's definition, as the catalog stores it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KafkaSpec {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// The topic(s).
+    pub topics: Topics,
+    /// librdkafka properties passed through (a connection's, then the
+    /// source's own).
+    pub properties: Vec<(String, String)>,
+    /// The connection it was created with, if any (for display).
+    pub connection: Option<String>,
+    /// Consumer group for committing positions back to Kafka.
+    pub group_id: Option<String>,
+    /// Start of the partitions that existed at creation.
+    pub start: StartOffset,
+    /// Value format.
+    pub format: Format,
+    /// Metadata columns after the value columns.
+    pub include: Vec<Meta>,
+    /// Bad-record policy.
+    pub on_error: OnError,
+    /// Start offsets resolved at creation; partitions found later start at
+    /// their beginning.
+    pub starts: Vec<(String, i32, i64)>,
+}
+
+impl KafkaSpec {
+    /// Client configuration for a consumer of source `source`.
+    pub fn client_config(&self, source: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set(
+                "group.id",
+                self.group_id
+                    .clone()
+                    .unwrap_or_else(|| format!("sluice-{source}")),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "20")
+            .set("socket.connection.setup.timeout.ms", "10000");
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+
+    fn consumer(&self, source: &str) -> Result<BaseConsumer> {
+        self.client_config(source)
+            .create()
+            .map_err(|e| Error::Connector(format!("Kafka client configuration: {e}")))
+    }
+
+    /// Checks that `topic` is one this source reads.
+    fn matches(&self, re: Option<&regex::Regex>, topic: &str) -> bool {
+        match (&self.topics, re) {
+            (Topics::Name(n), _) => n == topic,
+            (Topics::Pattern(_), Some(re)) => re.is_match(topic),
+            (Topics::Pattern(_), None) => false,
+        }
+    }
+
+    fn pattern(&self) -> Result<Option<regex::Regex>> {
+        match &self.topics {
+            Topics::Name(_) => Ok(None),
+            Topics::Pattern(p) => regex::Regex::new(&format!("^(?:{p})$"))
+                .map(Some)
+                .map_err(|e| Error::Syntax(format!("invalid TOPIC PATTERN: {e}"))),
+        }
+    }
+
+    /// The partitions of the topics it reads, from `md`.
+    fn partitions(&self, md: &Metadata, re: Option<&regex::Regex>) -> Result<Vec<(String, i32)>> {
+        let mut out = Vec::new();
+        for t in md.topics() {
+            if !self.matches(re, t.name()) {
+                continue;
+            }
+            if let Some(e) = t.error() {
+                if let Topics::Name(n) = &self.topics {
+                    return Err(Error::UndefinedObject(format!(
+                        "Kafka topic \"{n}\" is not available: {}",
+                        rdkafka::error::RDKafkaErrorCode::from(e)
+                    )));
+                }
+                continue;
+            }
+            for p in t.partitions() {
+                out.push((t.name().to_string(), p.id()));
+            }
+        }
+        if out.is_empty() {
+            if let Topics::Name(n) = &self.topics {
+                return Err(Error::UndefinedObject(format!(
+                    "Kafka topic \"{n}\" does not exist"
+                )));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Contacts the brokers and resolves [`KafkaSpec::starts`]: the
+    /// statement fails here, with nothing created, when the brokers are
+    /// unreachable or the topic is missing.
+    pub fn resolve(&mut self, source: &str) -> Result<()> {
+        let re = self.pattern()?;
+        let consumer = self.consumer(source)?;
+        let topic = match &self.topics {
+            Topics::Name(n) => Some(n.as_str()),
+            Topics::Pattern(_) => None,
+        };
+        let md = consumer
+            .fetch_metadata(topic, CONNECT_TIMEOUT)
+            .map_err(|e| {
+                Error::Connector(format!(
+                    "could not reach the Kafka brokers at {}: {e}",
+                    self.brokers
+                ))
+            })?;
+        let parts = self.partitions(&md, re.as_ref())?;
+        let mut starts = Vec::with_capacity(parts.len());
+        match &self.start {
+            StartOffset::Earliest | StartOffset::Latest => {
+                for (t, p) in &parts {
+                    let (low, high) = consumer
+                        .fetch_watermarks(t, *p, CONNECT_TIMEOUT)
+                        .map_err(|e| Error::Connector(format!("watermarks of {t}/{p}: {e}")))?;
+                    let at = if self.start == StartOffset::Earliest {
+                        low
+                    } else {
+                        high
+                    };
+                    starts.push((t.clone(), *p, at));
+                }
+            }
+            StartOffset::Offsets(offsets) => {
+                if offsets.len() != parts.len() {
+                    return Err(Error::data(
+                        crate::error::DataErrorKind::InvalidParameterValue,
+                        format!(
+                            "START OFFSET lists {} offsets but the topic has {} partitions",
+                            offsets.len(),
+                            parts.len()
+                        ),
+                    ));
+                }
+                for ((t, p), o) in parts.iter().zip(offsets) {
+                    starts.push((t.clone(), *p, *o));
+                }
+            }
+            StartOffset::Timestamp(ms) => {
+                let mut tpl = TopicPartitionList::new();
+                for (t, p) in &parts {
+                    tpl.add_partition_offset(t, *p, Offset::Offset(*ms))
+                        .map_err(|e| Error::Connector(e.to_string()))?;
+                }
+                let found = consumer
+                    .offsets_for_times(tpl, CONNECT_TIMEOUT)
+                    .map_err(|e| Error::Connector(format!("offsets for START TIMESTAMP: {e}")))?;
+                for e in found.elements() {
+                    let at = match e.offset() {
+                        Offset::Offset(o) => o,
+                        // No record at or after the time: start at the end.
+                        _ => {
+                            consumer
+                                .fetch_watermarks(e.topic(), e.partition(), CONNECT_TIMEOUT)
+                                .map_err(|e| Error::Connector(e.to_string()))?
+                                .1
+                        }
+                    };
+                    starts.push((e.topic().to_string(), e.partition(), at));
+                }
+                starts.sort();
+            }
+        }
+        self.starts = starts;
+        Ok(())
+    }
+
+    /// Where a partition starts.
+    pub fn start_of(&self, topic: &str, partition: i32) -> i64 {
+        self.starts
+            .iter()
+            .find(|(t, p, _)| t == topic && *p == partition)
+            .map(|s| s.2)
+            .unwrap_or(0)
+    }
+
+    /// The positions of a source that has read nothing.
+    pub fn initial_positions(&self) -> Positions {
+        self.starts
+            .iter()
+            .map(|(t, p, o)| ((t.clone(), *p), *o))
+            .collect()
+    }
+
+    /// Current high watermarks of every partition the source reads.
+    pub fn high_watermarks(&self, source: &str) -> Result<Positions> {
+        let consumer = self.consumer(source)?;
+        high_watermarks(self, &consumer)
+    }
+
+    /// Reads and decodes every record in `from..to` (per partition; a
+    /// partition missing from `from` starts at its start), for a bounded
+    /// SELECT or the backfill of a new view. Bad records are skipped.
+    /// Stops early once `limit` rows are read.
+    pub fn read_range(
+        &self,
+        source: &str,
+        decoder: &RecordDecoder,
+        from: &Positions,
+        to: &Positions,
+        limit: Option<usize>,
+    ) -> Result<Vec<RecordBatch>> {
+        let consumer = self.consumer(source)?;
+        let mut tpl = TopicPartitionList::new();
+        let mut remaining: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for ((t, p), end) in to {
+            let start = from
+                .get(&(t.clone(), *p))
+                .copied()
+                .unwrap_or_else(|| self.start_of(t, *p));
+            if start < *end {
+                tpl.add_partition_offset(t, *p, Offset::Offset(start))
+                    .map_err(|e| Error::Connector(e.to_string()))?;
+                remaining.insert((t.clone(), *p), *end);
+            }
+        }
+        let mut out = Vec::new();
+        if remaining.is_empty() {
+            return Ok(out);
+        }
+        consumer
+            .assign(&tpl)
+            .map_err(|e| Error::Connector(e.to_string()))?;
+        let mut last_progress = Instant::now();
+        let mut rows = 0;
+        while !remaining.is_empty() && limit.is_none_or(|l| rows < l) {
+            let mut msgs = Vec::new();
+            let mut timeout = Duration::from_millis(100);
+            while msgs.len() < CHUNK_RECORDS {
+                match consumer.poll(timeout) {
+                    None => break,
+                    Some(Ok(m)) => {
+                        let key = (m.topic().to_string(), m.partition());
+                        if let Some(end) = remaining.get(&key) {
+                            if m.offset() < *end {
+                                msgs.push(m);
+                            }
+                        }
+                    }
+                    Some(Err(e)) => tracing::debug!("bounded read: {e}"),
+                }
+                timeout = Duration::ZERO;
+            }
+            if !msgs.is_empty() {
+                last_progress = Instant::now();
+                let batch = with_refs(&msgs, |refs| decoder.decode(refs))?.0;
+                rows += batch.num_rows();
+                out.push(batch);
+                for m in &msgs {
+                    let key = (m.topic().to_string(), m.partition());
+                    if remaining
+                        .get(&key)
+                        .is_some_and(|end| m.offset() + 1 >= *end)
+                    {
+                        remaining.remove(&key);
+                    }
+                }
+            }
+            // A partition may end in records we never see (transaction
+            // markers, compacted records): its position tells.
+            if let Ok(pos) = consumer.position() {
+                for e in pos.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        let key = (e.topic().to_string(), e.partition());
+                        if remaining.get(&key).is_some_and(|end| o >= *end) {
+                            remaining.remove(&key);
+                        }
+                    }
+                }
+            }
+            if last_progress.elapsed() > CONNECT_TIMEOUT * 3 {
+                return Err(Error::Connector(format!(
+                    "reading source \"{source}\" from Kafka made no progress for {} s (still missing {:?})",
+                    (CONNECT_TIMEOUT * 3).as_secs(),
+                    remaining
+                )));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn high_watermarks(spec: &KafkaSpec, consumer: &BaseConsumer) -> Result<Positions> {
+    let re = spec.pattern()?;
+    let topic = match &spec.topics {
+        Topics::Name(n) => Some(n.as_str()),
+        Topics::Pattern(_) => None,
+    };
+    let md = consumer
+        .fetch_metadata(topic, CONNECT_TIMEOUT)
+        .map_err(|e| Error::Connector(format!("Kafka metadata: {e}")))?;
+    let mut out = Positions::new();
+    for (t, p) in spec.partitions(&md, re.as_ref())? {
+        let (_, high) = consumer
+            .fetch_watermarks(&t, p, CONNECT_TIMEOUT)
+            .map_err(|e| Error::Connector(format!("watermarks of {t}/{p}: {e}")))?;
+        out.insert((t, p), high);
+    }
+    Ok(out)
+}
+
+fn headers_of<M: Message>(m: &M) -> Vec<HeaderRef<'_>> {
+    match m.headers() {
+        None => Vec::new(),
+        Some(h) => h.iter().map(|h| (h.key, h.value)).collect(),
+    }
+}
+
+/// Calls `f` with the records of `msgs`.
+fn with_refs<M: Message, T>(msgs: &[M], f: impl FnOnce(&[RecordRef<'_>]) -> T) -> T {
+    let headers: Vec<Vec<HeaderRef<'_>>> = msgs.iter().map(headers_of).collect();
+    f(&record_refs(msgs, &headers))
+}
+
+fn record_refs<'a, M: Message>(
+    msgs: &'a [M],
+    headers: &'a [Vec<HeaderRef<'a>>],
+) -> Vec<RecordRef<'a>> {
+    msgs.iter()
+        .zip(headers)
+        .map(|(m, h)| record_ref(m, h))
+        .collect()
+}
+
+fn record_ref<'a, M: Message>(
+    m: &'a M,
+    headers: &'a [(&'a str, Option<&'a [u8]>)],
+) -> RecordRef<'a> {
+    RecordRef {
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
+        key: m.key(),
+        payload: m.payload(),
+        headers,
+    }
+}
+
+/// What the reader hands the epoch driver: decoded rows and where they end.
+#[derive(Debug)]
+pub struct Chunk {
+    /// Decoded rows.
+    pub batch: RecordBatch,
+    /// Records that failed to decode.
+    pub bad: Vec<BadRecord>,
+    /// New position of every partition the chunk read from.
+    pub positions: Vec<((String, i32), i64)>,
+    /// Records read (good and bad).
+    pub records: u64,
+    /// Value bytes read.
+    pub bytes: u64,
+}
+
+/// Per-partition counters for `sluice_source_partitions`.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionStats {
+    /// Latest high watermark seen.
+    pub high_watermark: Option<i64>,
+    /// Records read.
+    pub records: u64,
+    /// Value bytes read.
+    pub bytes: u64,
+    /// Records that failed to decode.
+    pub errors: u64,
+    /// Records per second over the last refresh period.
+    pub rate: f64,
+    window_records: u64,
+}
+
+/// What the reader reports.
+#[derive(Debug, Default)]
+pub struct ReaderStatus {
+    /// The last broker or metadata error, while it persists.
+    pub error: Option<String>,
+    /// Per partition.
+    pub partitions: BTreeMap<(String, i32), PartitionStats>,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    status: Mutex<ReaderStatus>,
+    /// Positions to commit to the consumer group (for lag tools).
+    commit: Mutex<Option<Positions>>,
+}
+
+/// The background reader of one Kafka source.
+pub struct KafkaReader {
+    rx: Receiver<Chunk>,
+    shared: Arc<Shared>,
+    consumer: Arc<BaseConsumer>,
+    spec: KafkaSpec,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for KafkaReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaReader").finish()
+    }
+}
+
+impl KafkaReader {
+    /// Starts reading source `name` at `positions` (its committed ones).
+    /// Does not wait for the brokers.
+    pub fn start(
+        name: &str,
+        spec: &KafkaSpec,
+        schema: SchemaRef,
+        value_columns: usize,
+        json_columns: &[usize],
+        positions: &Positions,
+    ) -> Result<KafkaReader> {
+        let decoder = RecordDecoder::new(
+            spec.format.clone(),
+            schema,
+            value_columns,
+            spec.include.clone(),
+            json_columns,
+        )?;
+        let consumer = Arc::new(spec.consumer(name)?);
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in positions {
+            tpl.add_partition_offset(t, *p, Offset::Offset(*o))
+                .map_err(|e| Error::Connector(e.to_string()))?;
+        }
+        consumer
+            .assign(&tpl)
+            .map_err(|e| Error::Connector(e.to_string()))?;
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            status: Mutex::new(ReaderStatus {
+                error: None,
+                partitions: positions
+                    .keys()
+                    .map(|k| (k.clone(), PartitionStats::default()))
+                    .collect(),
+            }),
+            commit: Mutex::new(None),
+        });
+        let (tx, rx) = sync_channel(CHANNEL_CHUNKS);
+        let thread = {
+            let consumer = consumer.clone();
+            let shared = shared.clone();
+            let spec = spec.clone();
+            let assigned: Vec<(String, i32)> = positions.keys().cloned().collect();
+            std::thread::Builder::new()
+                .name(format!("kafka-{name}"))
+                .spawn(move || read_loop(&consumer, &shared, &spec, &decoder, tx, assigned))?
+        };
+        Ok(KafkaReader {
+            rx,
+            shared,
+            consumer,
+            spec: spec.clone(),
+            thread: Some(thread),
+        })
+    }
+
+    /// The chunks read so far, at most about `max_rows` rows.
+    pub fn take(&self, max_rows: usize) -> Vec<Chunk> {
+        let mut out = Vec::new();
+        let mut rows = 0;
+        while rows < max_rows {
+            match self.rx.try_recv() {
+                Ok(c) => {
+                    rows += c.batch.num_rows().max(1);
+                    out.push(c);
+                }
+                Err(_) => break,
+            }
+        }
+        out
+    }
+
+    /// Asks the reader to commit `positions` to the consumer group.
+    pub fn commit_to_group(&self, positions: &Positions) {
+        *self.shared.commit.lock() = Some(positions.clone());
+    }
+
+    /// Current high watermarks, asked of the brokers now (blocking).
+    pub fn high_watermarks(&self) -> Result<Positions> {
+        high_watermarks(&self.spec, &self.consumer)
+    }
+
+    /// The broker or metadata error the reader is retrying through, if any.
+    pub fn error(&self) -> Option<String> {
+        self.shared.status.lock().error.clone()
+    }
+
+    /// Per-partition counters.
+    pub fn partition_stats(&self) -> BTreeMap<(String, i32), PartitionStats> {
+        self.shared.status.lock().partitions.clone()
+    }
+}
+
+impl Drop for KafkaReader {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn read_loop(
+    consumer: &BaseConsumer,
+    shared: &Shared,
+    spec: &KafkaSpec,
+    decoder: &RecordDecoder,
+    tx: SyncSender<Chunk>,
+    mut assigned: Vec<(String, i32)>,
+) {
+    let re = spec.pattern().ok().flatten();
+    let mut last_refresh: Option<Instant> = None;
+    while !shared.stop.load(Ordering::Relaxed) {
+        if last_refresh.is_none_or(|t| t.elapsed() >= REFRESH) {
+            let elapsed = last_refresh.map(|t| t.elapsed().as_secs_f64());
+            refresh(consumer, shared, spec, re.as_ref(), &mut assigned, elapsed);
+            last_refresh = Some(Instant::now());
+        }
+        if let Some(p) = shared.commit.lock().take() {
+            let mut tpl = TopicPartitionList::new();
+            for ((t, part), o) in &p {
+                let _ = tpl.add_partition_offset(t, *part, Offset::Offset(*o));
+            }
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                tracing::debug!("committing offsets to the consumer group: {e}");
+            }
+        }
+        let mut msgs = Vec::new();
+        let mut timeout = Duration::from_millis(100);
+        while msgs.len() < CHUNK_RECORDS {
+            match consumer.poll(timeout) {
+                None => break,
+                Some(Ok(m)) => msgs.push(m),
+                Some(Err(e)) => {
+                    tracing::warn!("Kafka: {e}");
+                    shared.status.lock().error = Some(e.to_string());
+                    break;
+                }
+            }
+            timeout = Duration::ZERO;
+        }
+        if msgs.is_empty() {
+            continue;
+        }
+        let headers: Vec<Vec<HeaderRef<'_>>> = msgs.iter().map(headers_of).collect();
+        let refs = record_refs(&msgs, &headers);
+        let (batch, bad) = match decoder.decode(&refs) {
+            Ok(d) => d,
+            Err(e) => {
+                // Not a record's fault (a bug, or out of memory): report it
+                // and read the same records again later.
+                tracing::error!("decoding failed: {e}");
+                shared.status.lock().error = Some(format!("decoding failed: {e}"));
+                return;
+            }
+        };
+        let mut positions: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut bytes = 0u64;
+        {
+            let mut status = shared.status.lock();
+            status.error = None;
+            for r in &refs {
+                let key = (r.topic.to_string(), r.partition);
+                let len = r.payload.map_or(0, |p| p.len()) as u64;
+                bytes += len;
+                let st = status.partitions.entry(key.clone()).or_default();
+                st.records += 1;
+                st.window_records += 1;
+                st.bytes += len;
+                positions.insert(key, r.offset + 1);
+            }
+            for b in &bad {
+                if let Some(st) = status.partitions.get_mut(&(b.topic.clone(), b.partition)) {
+                    st.errors += 1;
+                }
+            }
+        }
+        let mut chunk = Chunk {
+            batch,
+            bad,
+            positions: positions.into_iter().collect(),
+            records: refs.len() as u64,
+            bytes,
+        };
+        drop(refs);
+        drop(headers);
+        drop(msgs);
+        loop {
+            match tx.try_send(chunk) {
+                Ok(()) => break,
+                Err(TrySendError::Full(c)) => {
+                    if shared.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    chunk = c;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(TrySendError::Disconnected(_)) => return,
+            }
+        }
+    }
+}
+
+/// Assigns new partitions, notices missing topics, samples watermarks.
+fn refresh(
+    consumer: &BaseConsumer,
+    shared: &Shared,
+    spec: &KafkaSpec,
+    re: Option<&regex::Regex>,
+    assigned: &mut Vec<(String, i32)>,
+    elapsed: Option<f64>,
+) {
+    let topic = match &spec.topics {
+        Topics::Name(n) => Some(n.as_str()),
+        Topics::Pattern(_) => None,
+    };
+    let parts = match consumer
+        .fetch_metadata(topic, Duration::from_secs(2))
+        .map_err(|e| Error::Connector(format!("Kafka brokers unreachable: {e}")))
+        .and_then(|md| spec.partitions(&md, re))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            shared.status.lock().error = Some(e.to_string());
+            return;
+        }
+    };
+    let new: Vec<&(String, i32)> = parts.iter().filter(|p| !assigned.contains(p)).collect();
+    if !new.is_empty() {
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &new {
+            let _ = tpl.add_partition_offset(t, *p, Offset::Offset(spec.start_of(t, *p)));
+        }
+        match consumer.incremental_assign(&tpl) {
+            Ok(()) => {
+                tracing::info!("Kafka: reading new partitions {new:?}");
+                assigned.extend(new.into_iter().cloned());
+            }
+            Err(e) => shared.status.lock().error = Some(e.to_string()),
+        }
+    }
+    let mut marks = Vec::new();
+    for (t, p) in assigned.iter() {
+        if let Ok((_, high)) = consumer.fetch_watermarks(t, *p, Duration::from_secs(1)) {
+            marks.push(((t.clone(), *p), high));
+        }
+    }
+    let mut status = shared.status.lock();
+    status.error = None;
+    for (key, high) in marks {
+        let st = status.partitions.entry(key).or_default();
+        st.high_watermark = Some(high);
+    }
+    for st in status.partitions.values_mut() {
+        if let Some(secs) = elapsed.filter(|s| *s > 0.0) {
+            st.rate = st.window_records as f64 / secs;
+        }
+        st.window_records = 0;
+    }
+}
