@@ -257,7 +257,8 @@ impl Engine {
         match self.catalog.get(name)? {
             Relation::Table(t) => Some((t.def.id, false)),
             Relation::MaterializedView(m) => Some((m.def.id, m.def.append_only)),
-            Relation::Source(s) => Some((s.def.id, true)),
+            // A keyed (UPSERT/DEBEZIUM) source also deletes rows.
+            Relation::Source(s) => Some((s.def.id, s.table.is_none())),
             Relation::View(_) => None,
         }
     }

@@ -34,21 +34,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::compute::concat_batches;
+use std::collections::HashMap;
+
+use datafusion::arrow::array::{RecordBatch, UInt32Array};
+use datafusion::arrow::compute::{concat_batches, take_record_batch};
+use datafusion::common::ScalarValue;
 use parking_lot::{Condvar, Mutex};
 use rocksdb::WriteBatch;
 use tokio::sync::oneshot;
 
+use crate::catalog::types::SqlType;
+use crate::catalog::Table;
 use crate::catalog::{
     encode_positions, read_positions, read_source_offset, source_error_key, source_errors_prefix,
     source_offset_key, Source, SourceConnector, StoredBadRecord,
 };
+use crate::connector::format::KeyedOp;
 use crate::connector::kafka::{OnError, PartitionStats, Topics};
 use crate::connector::{BadRecord, GeneratorSpec, KafkaReader, KafkaSpec, Positions};
 use crate::dataflow::{ChangeBatch, TableChange};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::query::table::rows_to_batch;
+use crate::state::encoding::{decode_row, encode_value, table_prefix};
 
 /// Most rows one source contributes to one epoch: bounds an epoch's memory
 /// and how long it holds the writer lock.
@@ -95,6 +103,8 @@ enum Feed {
         reader: Option<KafkaReader>,
         /// Committed positions.
         positions: Positions,
+        /// A keyed source's rows.
+        table: Option<Arc<Table>>,
     },
 }
 
@@ -119,6 +129,8 @@ struct Work {
     run: usize,
     rows: RecordBatch,
     bad: Vec<BadRecord>,
+    /// A keyed source: its changes in record order, and where its rows live.
+    keyed: Option<(Vec<KeyedOp>, Arc<Table>)>,
     advance: Advance,
 }
 
@@ -144,14 +156,11 @@ impl SourceRun {
             }
             SourceConnector::Kafka(spec) => {
                 let positions = read_positions(&engine.store, source.def.id)?;
-                let reader = KafkaReader::start(
-                    &source.def.name,
-                    spec,
-                    source.schema.clone(),
-                    source.def.value_columns(),
-                    &source.def.json_columns(),
-                    &positions,
-                )?;
+                let decoder = source
+                    .def
+                    .decoder()?
+                    .ok_or_else(|| Error::Internal("Kafka source without decoder".into()))?;
+                let reader = KafkaReader::start(&source.def.name, spec, decoder, &positions)?;
                 let mut errors = 0u64;
                 engine
                     .store
@@ -165,6 +174,7 @@ impl SourceRun {
                         spec: spec.clone(),
                         reader: Some(reader),
                         positions,
+                        table: source.table.clone(),
                     },
                     offset,
                     errors,
@@ -229,6 +239,7 @@ impl SourceRun {
                     run,
                     rows: spec.generate(self.offset, due)?,
                     bad: Vec::new(),
+                    keyed: None,
                     advance: Advance::Offset(due),
                 }))
             }
@@ -236,6 +247,7 @@ impl SourceRun {
                 spec,
                 reader: Some(reader),
                 positions,
+                table,
             } => {
                 let chunks = reader.take(MAX_EPOCH_ROWS as usize);
                 let Some(first) = chunks.first() else {
@@ -245,9 +257,16 @@ impl SourceRun {
                 let rows = concat_batches(&schema, chunks.iter().map(|c| &c.batch))?;
                 let mut next = positions.clone();
                 let mut bad = Vec::new();
+                let mut ops = Vec::new();
+                let mut base = 0;
                 for c in chunks {
                     next.extend(c.positions);
                     bad.extend(c.bad);
+                    for mut op in c.ops.unwrap_or_default() {
+                        op.row = op.row.map(|r| r + base);
+                        ops.push(op);
+                    }
+                    base += c.batch.num_rows();
                 }
                 if spec.on_error == OnError::Fail {
                     if let Some(b) = bad.first() {
@@ -261,6 +280,7 @@ impl SourceRun {
                     run,
                     rows,
                     bad,
+                    keyed: table.clone().map(|t| (ops, t)),
                     advance: Advance::Positions(next),
                 }))
             }
@@ -279,6 +299,7 @@ impl SourceRun {
                     spec,
                     reader,
                     positions,
+                    ..
                 },
             ) => {
                 self.offset = records_read(spec, &next);
@@ -708,12 +729,94 @@ fn commit(engine: &Engine, runs: &[SourceRun], work: &[Work]) -> Result<()> {
                 value,
             );
         }
-        if w.rows.num_rows() > 0 {
+        let change = match &w.keyed {
+            None => ChangeBatch::uniform(w.rows.clone(), 1),
+            Some((ops, table)) => upsert(engine, table, &w.rows, ops, &mut batch)?,
+        };
+        if !change.is_empty() {
             changes.push(TableChange {
                 table_id: run.id,
-                changes: ChangeBatch::uniform(w.rows.clone(), 1),
+                changes: change,
             });
         }
     }
     futures::executor::block_on(engine.commit(batch, changes))
+}
+
+/// Applies a keyed source's changes to its stored rows (staged in `batch`)
+/// and returns the net change: per key, the stored row out and the last
+/// record's row in — intermediate values within one epoch are never
+/// visible, so they need not flow.
+fn upsert(
+    engine: &Engine,
+    table: &Table,
+    rows: &RecordBatch,
+    ops: &[KeyedOp],
+    batch: &mut WriteBatch,
+) -> Result<ChangeBatch> {
+    let mut last: HashMap<&[u8], Option<usize>> = HashMap::with_capacity(ops.len());
+    for op in ops {
+        last.insert(op.key.as_slice(), op.row);
+    }
+    let mut keys: Vec<(&[u8], Option<usize>)> = last.into_iter().collect();
+    keys.sort();
+    let prefix = table_prefix(table.def.id);
+    let storage_keys: Vec<Vec<u8>> = keys
+        .iter()
+        .map(|(k, _)| {
+            let mut key = prefix.to_vec();
+            encode_value(
+                &mut key,
+                &SqlType::Bytea,
+                &ScalarValue::Binary(Some(k.to_vec())),
+            )?;
+            Ok(key)
+        })
+        .collect::<Result<_>>()?;
+    let old = engine.store.multi_get(&storage_keys)?;
+    let inserted: Vec<u32> = keys
+        .iter()
+        .filter_map(|(_, r)| r.map(|r| r as u32))
+        .collect();
+    let new_rows = take_record_batch(rows, &UInt32Array::from(inserted))?;
+    let new_values = table.row_values(&new_rows)?;
+    let types = table.types();
+    let mut deleted = Vec::new();
+    // Indices into `new_rows` of the rows that change.
+    let mut keep: Vec<u32> = Vec::new();
+    let mut values = new_values.into_iter().enumerate();
+    for ((storage_key, (_, row)), old) in storage_keys.iter().zip(&keys).zip(old) {
+        let new = match row {
+            Some(_) => Some(
+                values
+                    .next()
+                    .ok_or_else(|| Error::Internal("upsert rows out of step".into()))?,
+            ),
+            None => None,
+        };
+        if old.is_some() && old.as_ref() == new.as_ref().map(|(_, v)| v) {
+            // Unchanged: nothing to store or to send.
+            continue;
+        }
+        if let Some(o) = &old {
+            deleted.push(decode_row(o, &types)?);
+        }
+        match new {
+            Some((i, v)) => {
+                batch.put(storage_key, v);
+                keep.push(i as u32);
+            }
+            None if old.is_some() => batch.delete(storage_key),
+            None => {}
+        }
+    }
+    let inserts = take_record_batch(&new_rows, &UInt32Array::from(keep))?;
+    let deletes = rows_to_batch(&table.schema, deleted)?;
+    ChangeBatch::concat(
+        &table.schema,
+        &[
+            ChangeBatch::uniform(deletes, -1),
+            ChangeBatch::uniform(inserts, 1),
+        ],
+    )
 }

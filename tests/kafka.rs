@@ -366,3 +366,143 @@ async fn kill_9_mid_ingest_loses_nothing_and_counts_nothing_twice() {
         "0"
     );
 }
+
+type Model = std::collections::BTreeMap<String, (i64, i64)>;
+
+/// A seeded sequence of upserts and deletes over 40 keys, applied to the
+/// model (the last value per key). A key always goes to the same partition.
+struct Upserts(u64);
+
+impl Upserts {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    fn send(&mut self, p: &common::kafka::Producer1, model: &mut Model, n: usize) {
+        let mut records = Vec::with_capacity(n);
+        for _ in 0..n {
+            let k = self.next() % 40;
+            let key = format!("k{k}");
+            let partition = (k % 2) as i32;
+            if self.next() % 5 == 0 {
+                records.push((partition, key.clone().into_bytes(), None));
+                model.remove(&key);
+            } else {
+                let (g, v) = ((self.next() % 4) as i64, (self.next() % 1000) as i64);
+                let value = format!(r#"{{"g": {g}, "v": {v}}}"#);
+                records.push((
+                    partition,
+                    key.clone().into_bytes(),
+                    Some(value.into_bytes()),
+                ));
+                model.insert(key, (g, v));
+            }
+        }
+        p.send_keyed("up", &records);
+    }
+}
+
+async fn check_upsert(c: &Client, model: &Model, when: &str) {
+    let mut want: Vec<String> = model
+        .iter()
+        .map(|(k, (g, v))| format!("{k}|{g}|{v}"))
+        .collect();
+    want.sort();
+    exec(c, "FLUSH").await;
+    assert_eq!(rows(c, "SELECT * FROM up_all").await, want, "{when}");
+    assert_eq!(
+        rows(c, "SELECT CAST(key AS TEXT), g, v FROM up").await,
+        want,
+        "{when}"
+    );
+    assert_eq!(
+        rows(c, "SELECT * FROM up_groups").await,
+        rows(c, "SELECT g, count(*), sum(v), max(v) FROM up GROUP BY g").await,
+        "{when}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upsert_and_debezium_sources_keep_the_latest_row_per_key() {
+    let broker = Broker::start();
+    broker.create_topic("up", 2);
+    broker.create_topic("cdc", 1);
+    let p = broker.producer();
+    let mut model = Model::new();
+    let mut gen = Upserts(7);
+    gen.send(&p, &mut model, 300);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    let c = server.connect().await;
+    exec(
+        &c,
+        &format!(
+            "CREATE SOURCE up (g INT, v BIGINT) FROM KAFKA (BROKERS '{0}', TOPIC 'up')
+               FORMAT JSON ENVELOPE UPSERT;
+             CREATE MATERIALIZED VIEW up_groups AS
+               SELECT g, count(*) AS n, sum(v) AS s, max(v) AS m FROM up GROUP BY g;
+             CREATE MATERIALIZED VIEW up_all AS SELECT CAST(key AS TEXT) AS k, g, v FROM up;
+             CREATE SOURCE cdc (id INT, name TEXT) FROM KAFKA (BROKERS '{0}', TOPIC 'cdc')
+               FORMAT JSON ENVELOPE DEBEZIUM;
+             CREATE MATERIALIZED VIEW cdc_mv AS SELECT id, name FROM cdc;",
+            broker.addr()
+        ),
+    )
+    .await;
+    check_upsert(&c, &model, "after the first records").await;
+    // A view created now backfills from the stored rows.
+    exec(
+        &c,
+        "CREATE MATERIALIZED VIEW up_n AS SELECT count(*) AS n FROM up",
+    )
+    .await;
+    assert_eq!(one(&c, "SELECT n FROM up_n").await, model.len().to_string());
+
+    gen.send(&p, &mut model, 300);
+    check_upsert(&c, &model, "after more records").await;
+    drop(c);
+    server.restart_kill9();
+    let c = server.connect().await;
+    check_upsert(&c, &model, "after kill -9").await;
+    gen.send(&p, &mut model, 200);
+    check_upsert(&c, &model, "after more records after the restart").await;
+    assert_eq!(one(&c, "SELECT n FROM up_n").await, model.len().to_string());
+
+    // Debezium: create, update, delete, and a tombstone after the delete.
+    let events: Vec<common::kafka::Keyed> = [
+        (
+            "1",
+            Some(r#"{"before": null, "after": {"id": 1, "name": "a"}, "op": "c"}"#),
+        ),
+        (
+            "2",
+            Some(r#"{"before": null, "after": {"id": 2, "name": "b"}, "op": "r"}"#),
+        ),
+        (
+            "1",
+            Some(
+                r#"{"before": {"id": 1, "name": "a"}, "after": {"id": 1, "name": "A"}, "op": "u"}"#,
+            ),
+        ),
+        (
+            "2",
+            Some(r#"{"before": {"id": 2, "name": "b"}, "after": null, "op": "d"}"#),
+        ),
+        ("2", None),
+        (
+            "3",
+            Some(r#"{"before": null, "after": {"id": 3, "name": "c"}, "op": "c"}"#),
+        ),
+    ]
+    .iter()
+    .map(|(k, v)| (0, k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec())))
+    .collect();
+    p.send_keyed("cdc", &events);
+    exec(&c, "FLUSH").await;
+    assert_eq!(rows(&c, "SELECT * FROM cdc_mv").await, vec!["1|A", "3|c"]);
+}

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use datafusion::arrow::array::{ArrayRef, RecordBatch};
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::logical_expr::LogicalPlan;
 use parking_lot::RwLock;
@@ -23,9 +24,9 @@ use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
 
 use crate::connector::kafka::{KafkaSpec, Positions};
-use crate::connector::{BadRecord, GeneratorSpec, RecordDecoder};
+use crate::connector::{BadRecord, Envelope, GeneratorSpec, Meta, RecordDecoder};
 use crate::error::{Error, Result};
-use crate::state::encoding::table_prefix;
+use crate::state::encoding::{encode_row, table_prefix};
 use crate::state::store::{
     prefix_end, sys_key, Store, SYS_CATALOG, SYS_META, SYS_OFFSET, SYS_ROWID, SYS_SOURCE_ERRORS,
 };
@@ -153,6 +154,18 @@ impl SourceDef {
         }
     }
 
+    /// A keyed (UPSERT/DEBEZIUM) Kafka source: its rows are stored like a
+    /// table's, keyed by the Kafka key column.
+    pub fn keyed(&self) -> Option<usize> {
+        match &self.connector {
+            SourceConnector::Kafka(k) if k.envelope != Envelope::None => {
+                let i = k.include.iter().position(|m| *m == Meta::Key)?;
+                Some(self.value_columns() + i)
+            }
+            _ => None,
+        }
+    }
+
     /// Indices of the value columns declared `json`/`jsonb`.
     pub fn json_columns(&self) -> Vec<usize> {
         self.columns[..self.value_columns()]
@@ -166,13 +179,16 @@ impl SourceDef {
     /// Kafka: a decoder of its records.
     pub fn decoder(&self) -> Result<Option<RecordDecoder>> {
         match &self.connector {
-            SourceConnector::Kafka(k) => Ok(Some(RecordDecoder::new(
-                k.format.clone(),
-                self.schema(),
-                self.value_columns(),
-                k.include.clone(),
-                &self.json_columns(),
-            )?)),
+            SourceConnector::Kafka(k) => Ok(Some(
+                RecordDecoder::new(
+                    k.format.clone(),
+                    self.schema(),
+                    self.value_columns(),
+                    k.include.clone(),
+                    &self.json_columns(),
+                )?
+                .with_envelope(k.envelope)?,
+            )),
             SourceConnector::Generator(_) => Ok(None),
         }
     }
@@ -280,6 +296,56 @@ impl Table {
         first
     }
 
+    /// Storage keys for new rows: the encoded primary key, or fresh row ids.
+    pub fn row_keys(&self, rows: &RecordBatch, batch: &mut WriteBatch) -> Result<Vec<Vec<u8>>> {
+        let table = self;
+        let prefix = table_prefix(table.def.id);
+        let n = rows.num_rows();
+        if table.def.primary_key.is_empty() {
+            let first = table.reserve_row_ids(n as u64, batch);
+            return Ok((0..n as u64)
+                .map(|i| {
+                    let mut k = prefix.to_vec();
+                    k.extend_from_slice(&(first + i).to_be_bytes());
+                    k
+                })
+                .collect());
+        }
+        let types: Vec<&SqlType> = table
+            .def
+            .primary_key
+            .iter()
+            .map(|&i| &table.def.columns[i].ty)
+            .collect();
+        let arrays: Vec<&ArrayRef> = table
+            .def
+            .primary_key
+            .iter()
+            .map(|&i| rows.column(i))
+            .collect();
+        (0..n)
+            .map(|r| {
+                let mut k = prefix.to_vec();
+                encode_row(&mut k, &types, &arrays, r)?;
+                Ok(k)
+            })
+            .collect()
+    }
+
+    /// Stored values of `rows`.
+    pub fn row_values(&self, rows: &RecordBatch) -> Result<Vec<Vec<u8>>> {
+        let table = self;
+        let types: Vec<&SqlType> = table.def.columns.iter().map(|c| &c.ty).collect();
+        let arrays: Vec<&ArrayRef> = rows.columns().iter().collect();
+        (0..rows.num_rows())
+            .map(|r| {
+                let mut v = Vec::new();
+                encode_row(&mut v, &types, &arrays, r)?;
+                Ok(v)
+            })
+            .collect()
+    }
+
     /// The primary-key constraint name PostgreSQL would use.
     pub fn pkey_name(&self) -> String {
         format!("{}_pkey", self.def.name)
@@ -311,6 +377,30 @@ pub struct Source {
     pub def: SourceDef,
     /// Arrow schema of its rows.
     pub schema: SchemaRef,
+    /// A keyed (UPSERT/DEBEZIUM) source's current rows, stored like a
+    /// table under the source's id, keyed by the Kafka key.
+    pub table: Option<Arc<Table>>,
+}
+
+impl Source {
+    fn new(def: SourceDef) -> Source {
+        let table = def.keyed().map(|key| {
+            Arc::new(Table::new(
+                TableDef {
+                    id: def.id,
+                    name: def.name.clone(),
+                    columns: def.columns.clone(),
+                    primary_key: vec![key],
+                },
+                0,
+            ))
+        });
+        Source {
+            schema: def.schema(),
+            table,
+            def,
+        }
+    }
 }
 
 /// A relation found by name.
@@ -562,10 +652,7 @@ impl Catalog {
             ),
         }
         self.store.write(batch)?;
-        let source = Arc::new(Source {
-            schema: def.schema(),
-            def,
-        });
+        let source = Arc::new(Source::new(def));
         state
             .sources
             .insert(source.def.name.clone(), source.clone());
@@ -610,10 +697,7 @@ impl Catalog {
 
     /// Re-registers a source loaded at startup.
     pub fn restore_source(&self, def: SourceDef) -> Arc<Source> {
-        let source = Arc::new(Source {
-            schema: def.schema(),
-            def,
-        });
+        let source = Arc::new(Source::new(def));
         self.state
             .write()
             .sources
@@ -646,6 +730,9 @@ impl Catalog {
                 batch.delete(source_offset_key(src.def.id));
                 let errors = source_errors_prefix(src.def.id);
                 batch.delete_range(errors.clone(), prefix_end(&errors));
+                // A keyed source's rows.
+                let prefix = table_prefix(src.def.id);
+                batch.delete_range(prefix.to_vec(), prefix_end(&prefix));
             } else if let Some(v) = state.views.get(name) {
                 batch.delete(sys_key(SYS_CATALOG, &v.def.id.to_be_bytes()));
             } else if let Some(m) = state.mvs.get(name) {

@@ -57,6 +57,43 @@ impl std::fmt::Display for Format {
     }
 }
 
+/// How records map to changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Envelope {
+    /// Every record is a new row (append-only).
+    #[default]
+    None,
+    /// The Kafka key is the primary key: a record replaces the row with its
+    /// key, a tombstone (null value) deletes it.
+    Upsert,
+    /// Debezium change events `{"before": …, "after": …, "op": "c|r|u|d"}`,
+    /// keyed by the Kafka key like UPSERT: `after` replaces the row, `d`
+    /// (or a tombstone) deletes it.
+    Debezium,
+}
+
+/// One keyed change of an UPSERT/DEBEZIUM source, in record order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyedOp {
+    /// The Kafka key.
+    pub key: Vec<u8>,
+    /// The row (an index into the decoded batch) that now has this key, or
+    /// `None` for a delete.
+    pub row: Option<usize>,
+}
+
+/// What a [`RecordDecoder`] makes of a slice of records.
+#[derive(Debug)]
+pub struct Decoded {
+    /// Rows of the good records, in record order.
+    pub batch: RecordBatch,
+    /// Records that failed to decode.
+    pub bad: Vec<BadRecord>,
+    /// Keyed envelopes: every good record's change, in record order.
+    pub ops: Option<Vec<KeyedOp>>,
+}
+
 /// A metadata column a source can include.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -182,6 +219,7 @@ pub struct RecordDecoder {
     json_columns: Vec<(usize, String)>,
     /// Largest value accepted, in bytes.
     max_record_bytes: usize,
+    envelope: Envelope,
 }
 
 /// Values larger than this are rejected into the error table.
@@ -243,7 +281,22 @@ impl RecordDecoder {
             decoded_schema,
             json_columns: json,
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            envelope: Envelope::None,
         })
+    }
+
+    /// Decodes records of a keyed envelope (UPSERT, DEBEZIUM).
+    pub fn with_envelope(mut self, envelope: Envelope) -> Result<Self> {
+        if envelope == Envelope::Debezium && self.format != Format::Json {
+            return Err(Error::Plan("ENVELOPE DEBEZIUM needs FORMAT JSON".into()));
+        }
+        if envelope != Envelope::None && !self.include.contains(&Meta::Key) {
+            return Err(Error::Internal(
+                "a keyed envelope needs the key column".into(),
+            ));
+        }
+        self.envelope = envelope;
+        Ok(self)
     }
 
     /// Rejects values over `bytes`.
@@ -253,35 +306,72 @@ impl RecordDecoder {
     }
 
     /// The rows of the records it could decode, in order, and the records
-    /// it could not.
-    pub fn decode(&self, records: &[RecordRef<'_>]) -> Result<(RecordBatch, Vec<BadRecord>)> {
+    /// it could not; for a keyed envelope also each record's change.
+    pub fn decode(&self, records: &[RecordRef<'_>]) -> Result<Decoded> {
+        let keyed = self.envelope != Envelope::None;
+        // Debezium: the row is the event's `after`; `d` deletes.
+        let mut unwrapped: Vec<Option<Vec<u8>>> = Vec::new();
+        if self.envelope == Envelope::Debezium {
+            unwrapped = records.iter().map(|r| debezium_after(r.payload)).collect();
+        }
         let mut bad = Vec::new();
-        let mut good: Vec<RecordRef<'_>> = Vec::with_capacity(records.len());
-        for r in records {
-            match r.payload {
-                None => bad.push(BadRecord::new(r, "record has no value (a tombstone)")),
-                Some(p) if p.len() > self.max_record_bytes => bad.push(BadRecord::new(
+        // (record index, its value to decode); deletes have no value.
+        let mut good: Vec<(usize, RecordRef<'_>)> = Vec::with_capacity(records.len());
+        let mut deletes: Vec<usize> = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            if keyed && r.key.is_none() {
+                bad.push(BadRecord::new(
                     r,
+                    "a keyed (UPSERT/DEBEZIUM) record has no key",
+                ));
+                continue;
+            }
+            let mut r = *r;
+            if self.envelope == Envelope::Debezium && r.payload.is_some() {
+                match &unwrapped[i] {
+                    Some(after) => r.payload = Some(after.as_slice()),
+                    None => match debezium_op(r.payload) {
+                        Ok(DebeziumOp::Delete) => {
+                            deletes.push(i);
+                            continue;
+                        }
+                        Ok(DebeziumOp::Other) => {
+                            bad.push(BadRecord::new(&r, "Debezium event without \"after\""));
+                            continue;
+                        }
+                        Err(e) => {
+                            bad.push(BadRecord::new(&r, e));
+                            continue;
+                        }
+                    },
+                }
+            }
+            match r.payload {
+                None if keyed => deletes.push(i),
+                None => bad.push(BadRecord::new(&r, "record has no value (a tombstone)")),
+                Some(p) if p.len() > self.max_record_bytes => bad.push(BadRecord::new(
+                    &r,
                     format!(
                         "record value of {} bytes exceeds the limit of {} bytes",
                         p.len(),
                         self.max_record_bytes
                     ),
                 )),
-                Some(_) => good.push(*r),
+                Some(_) => good.push((i, r)),
             }
         }
-        let (values, good) = match self.decode_values(&good) {
+        let refs: Vec<RecordRef<'_>> = good.iter().map(|(_, r)| *r).collect();
+        let (values, good) = match self.decode_values(&refs) {
             Ok(v) => (v, good),
             Err(_) => {
                 // Find the culprits: one record at a time.
                 let mut parts = Vec::new();
                 let mut kept = Vec::new();
-                for r in &good {
+                for (i, r) in &good {
                     match self.decode_values(std::slice::from_ref(r)) {
                         Ok(b) => {
                             parts.push(b);
-                            kept.push(*r);
+                            kept.push((*i, *r));
                         }
                         Err(e) => bad.push(BadRecord::new(r, decode_message(&e))),
                     }
@@ -290,13 +380,40 @@ impl RecordDecoder {
                 (concat_batches(&schema, &parts)?, kept)
             }
         };
+        let refs: Vec<RecordRef<'_>> = good.iter().map(|(_, r)| *r).collect();
         let mut columns: Vec<ArrayRef> = values.columns().to_vec();
         for m in &self.include {
-            columns.push(meta_column(*m, &good));
+            columns.push(meta_column(*m, &refs));
         }
         let batch = RecordBatch::try_new(self.schema.clone(), columns)?;
         bad.sort_by_key(|b| (b.partition, b.offset));
-        Ok((batch, bad))
+        let ops = keyed.then(|| {
+            let mut ops: Vec<(usize, KeyedOp)> = good
+                .iter()
+                .enumerate()
+                .map(|(row, (i, r))| {
+                    (
+                        *i,
+                        KeyedOp {
+                            key: r.key.unwrap_or_default().to_vec(),
+                            row: Some(row),
+                        },
+                    )
+                })
+                .chain(deletes.iter().map(|&i| {
+                    (
+                        i,
+                        KeyedOp {
+                            key: records[i].key.unwrap_or_default().to_vec(),
+                            row: None,
+                        },
+                    )
+                }))
+                .collect();
+            ops.sort_by_key(|(i, _)| *i);
+            ops.into_iter().map(|(_, op)| op).collect()
+        });
+        Ok(Decoded { batch, bad, ops })
     }
 
     fn value_schema(&self) -> SchemaRef {
@@ -452,6 +569,31 @@ impl RecordDecoder {
     }
 }
 
+enum DebeziumOp {
+    Delete,
+    Other,
+}
+
+/// A Debezium event's `after`, re-serialized, when it has one.
+fn debezium_after(payload: Option<&[u8]>) -> Option<Vec<u8>> {
+    let v: serde_json::Value = serde_json::from_slice(payload?).ok()?;
+    let after = v.get("after")?;
+    if after.is_null() {
+        return None;
+    }
+    serde_json::to_vec(after).ok()
+}
+
+fn debezium_op(payload: Option<&[u8]>) -> std::result::Result<DebeziumOp, String> {
+    let v: serde_json::Value = serde_json::from_slice(payload.unwrap_or_default())
+        .map_err(|e| format!("invalid Debezium event: {e}"))?;
+    match v.get("op").and_then(|o| o.as_str()) {
+        Some("d") => Ok(DebeziumOp::Delete),
+        Some(_) => Ok(DebeziumOp::Other),
+        None => Err("Debezium event without \"op\"".into()),
+    }
+}
+
 /// A decoding failure as the error table shows it: arrow's text without
 /// the "internal error:" an unclassified arrow error would carry.
 fn decode_message(e: &Error) -> String {
@@ -563,7 +705,7 @@ mod tests {
             ("offset", DataType::Int64),
         ]);
         let d = RecordDecoder::new(Format::Json, s, 3, vec![Meta::Offset], &[2]).unwrap();
-        let (batch, bad) = d
+        let Decoded { batch, bad, ops } = d
             .decode(&[
                 rec(0, br#"{"a": 1, "b": "x", "j": {"n": [1, 2]}}"#),
                 rec(1, br#"{"a": "#),
@@ -572,6 +714,7 @@ mod tests {
                 rec(4, br#"{"a": 1}{"a": 2}"#),
             ])
             .unwrap();
+        assert!(ops.is_none());
         let text = pretty_format_batches(&[batch]).unwrap().to_string();
         assert!(
             text.contains(r#"| 1 | x | {"n":[1,2]} | 0      |"#),
@@ -586,10 +729,53 @@ mod tests {
     }
 
     #[test]
+    fn keyed_envelopes_keep_record_order() {
+        let s = schema(vec![("a", DataType::Int64), ("key", DataType::Binary)]);
+        let d = RecordDecoder::new(Format::Json, s.clone(), 1, vec![Meta::Key], &[])
+            .unwrap()
+            .with_envelope(Envelope::Upsert)
+            .unwrap();
+        let mut tomb = rec(1, b"");
+        tomb.payload = None;
+        let mut keyless = rec(3, br#"{"a": 9}"#);
+        keyless.key = None;
+        let Decoded { batch, bad, ops } = d
+            .decode(&[
+                rec(0, br#"{"a": 1}"#),
+                tomb,
+                rec(2, br#"{"a": 2}"#),
+                keyless,
+                rec(4, b"{"),
+            ])
+            .unwrap();
+        assert_eq!(batch.num_rows(), 2);
+        assert_eq!(bad.iter().map(|b| b.offset).collect::<Vec<_>>(), vec![3, 4]);
+        let rows: Vec<Option<usize>> = ops.unwrap().iter().map(|o| o.row).collect();
+        assert_eq!(rows, vec![Some(0), None, Some(1)]);
+
+        let d = RecordDecoder::new(Format::Json, s, 1, vec![Meta::Key], &[])
+            .unwrap()
+            .with_envelope(Envelope::Debezium)
+            .unwrap();
+        let Decoded { batch, bad, ops } = d
+            .decode(&[
+                rec(0, br#"{"before": null, "after": {"a": 1}, "op": "c"}"#),
+                rec(1, br#"{"before": {"a": 1}, "after": null, "op": "d"}"#),
+                rec(2, br#"{"after": null, "op": "u"}"#),
+                rec(3, br#"{"before": {"a": 1}, "after": {"a": 5}, "op": "u"}"#),
+            ])
+            .unwrap();
+        assert_eq!(batch.num_rows(), 2);
+        assert_eq!(bad.len(), 1);
+        let rows: Vec<Option<usize>> = ops.unwrap().iter().map(|o| o.row).collect();
+        assert_eq!(rows, vec![Some(0), None, Some(1)]);
+    }
+
+    #[test]
     fn csv_text_bytes_and_metadata() {
         let s = schema(vec![("a", DataType::Int32), ("b", DataType::Utf8)]);
         let d = RecordDecoder::new(Format::Csv { delimiter: b';' }, s, 2, vec![], &[]).unwrap();
-        let (batch, bad) = d
+        let Decoded { batch, bad, .. } = d
             .decode(&[
                 rec(0, b"1;x\n"),
                 rec(1, b"2"),
@@ -609,7 +795,7 @@ mod tests {
             RecordDecoder::new(Format::Text, s, 1, vec![Meta::Key, Meta::Timestamp], &[]).unwrap();
         let mut tomb = rec(1, b"");
         tomb.payload = None;
-        let (batch, bad) = d
+        let Decoded { batch, bad, .. } = d
             .decode(&[rec(0, b"hello"), tomb, rec(2, b"\xff")])
             .unwrap();
         assert_eq!(batch.num_rows(), 1);
@@ -629,7 +815,7 @@ mod tests {
         )
         .unwrap()
         .with_max_record_bytes(3);
-        let (batch, bad) = d.decode(&[rec(0, b"abc"), rec(1, b"abcd")]).unwrap();
+        let Decoded { batch, bad, .. } = d.decode(&[rec(0, b"abc"), rec(1, b"abcd")]).unwrap();
         assert_eq!(batch.num_rows(), 1);
         assert!(bad[0].error.contains("exceeds"), "{:?}", bad);
     }

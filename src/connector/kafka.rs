@@ -30,7 +30,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::SchemaRef;
 use parking_lot::Mutex;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -39,7 +38,9 @@ use rdkafka::metadata::Metadata;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use super::format::{BadRecord, Format, HeaderRef, Meta, RecordDecoder, RecordRef};
+use super::format::{
+    BadRecord, Decoded, Envelope, Format, HeaderRef, KeyedOp, Meta, RecordDecoder, RecordRef,
+};
 use crate::error::{Error, Result};
 
 /// `(topic, partition) → next offset to read`.
@@ -110,6 +111,9 @@ pub struct KafkaSpec {
     pub include: Vec<Meta>,
     /// Bad-record policy.
     pub on_error: OnError,
+    /// How records map to changes.
+    #[serde(default)]
+    pub envelope: Envelope,
     /// Start offsets resolved at creation; partitions found later start at
     /// their beginning.
     pub starts: Vec<(String, i32, i64)>,
@@ -349,7 +353,7 @@ impl KafkaSpec {
             }
             if !msgs.is_empty() {
                 last_progress = Instant::now();
-                let batch = with_refs(&msgs, |refs| decoder.decode(refs))?.0;
+                let batch = with_refs(&msgs, |refs| decoder.decode(refs))?.batch;
                 rows += batch.num_rows();
                 out.push(batch);
                 for m in &msgs {
@@ -450,6 +454,8 @@ pub struct Chunk {
     pub batch: RecordBatch,
     /// Records that failed to decode.
     pub bad: Vec<BadRecord>,
+    /// Keyed envelopes: the changes, in record order.
+    pub ops: Option<Vec<KeyedOp>>,
     /// New position of every partition the chunk read from.
     pub positions: Vec<((String, i32), i64)>,
     /// Records read (good and bad).
@@ -511,18 +517,9 @@ impl KafkaReader {
     pub fn start(
         name: &str,
         spec: &KafkaSpec,
-        schema: SchemaRef,
-        value_columns: usize,
-        json_columns: &[usize],
+        decoder: RecordDecoder,
         positions: &Positions,
     ) -> Result<KafkaReader> {
-        let decoder = RecordDecoder::new(
-            spec.format.clone(),
-            schema,
-            value_columns,
-            spec.include.clone(),
-            json_columns,
-        )?;
         let consumer = Arc::new(spec.consumer(name)?);
         let mut tpl = TopicPartitionList::new();
         for ((t, p), o) in positions {
@@ -652,7 +649,7 @@ fn read_loop(
         }
         let headers: Vec<Vec<HeaderRef<'_>>> = msgs.iter().map(headers_of).collect();
         let refs = record_refs(&msgs, &headers);
-        let (batch, bad) = match decoder.decode(&refs) {
+        let Decoded { batch, bad, ops } = match decoder.decode(&refs) {
             Ok(d) => d,
             Err(e) => {
                 // Not a record's fault (a bug, or out of memory): report it
@@ -686,6 +683,7 @@ fn read_loop(
         let mut chunk = Chunk {
             batch,
             bad,
+            ops,
             positions: positions.into_iter().collect(),
             records: refs.len() as u64,
             bytes,

@@ -18,6 +18,6 @@ pub mod format;
 pub mod generator;
 pub mod kafka;
 
-pub use format::{BadRecord, Format, Meta, RecordDecoder};
+pub use format::{BadRecord, Envelope, Format, Meta, RecordDecoder};
 pub use generator::{GeneratorSpec, NexmarkTable};
 pub use kafka::{KafkaReader, KafkaSpec, Positions};

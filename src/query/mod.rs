@@ -89,7 +89,11 @@ impl SchemaProvider for SluiceSchema {
                 m.table.clone(),
                 self.store.clone(),
             ))),
-            Some(Relation::Source(s)) => Some(Arc::new(SourceTable::new(s, self.store.clone()))),
+            // A keyed source's current rows are stored like a table's.
+            Some(Relation::Source(s)) => match &s.table {
+                Some(t) => Some(Arc::new(StoredTable::new(t.clone(), self.store.clone()))),
+                None => Some(Arc::new(SourceTable::new(s, self.store.clone()))),
+            },
             Some(Relation::View(v)) => Some(Arc::new(ViewTable::new(
                 v.plan.clone(),
                 Some(v.def.sql.clone()),

@@ -106,6 +106,10 @@ pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
             let table = match engine.catalog.get(source) {
                 Some(Relation::Table(t)) => t,
                 Some(Relation::MaterializedView(m)) => m.table.clone(),
+                Some(Relation::Source(s)) if s.table.is_some() => match &s.table {
+                    Some(t) => t.clone(),
+                    None => return Err(Error::Internal("keyed source without rows".into())),
+                },
                 Some(Relation::Source(s)) => match &s.def.connector {
                     SourceConnector::Generator(g) => {
                         // A generator's rows so far are regenerated from

@@ -32,7 +32,7 @@ use crate::catalog::{Relation, Table};
 use crate::dataflow::{ChangeBatch, TableChange};
 use crate::engine::Engine;
 use crate::error::{DataErrorKind, Error, Result};
-use crate::state::encoding::{encode_row, table_prefix};
+use crate::state::encoding::table_prefix;
 
 /// Rejects DML forms we do not support, before planning, with 0A000.
 pub fn check_supported(stmt: &Statement) -> Result<()> {
@@ -130,11 +130,11 @@ async fn insert(engine: &Engine, table: &Arc<Table>, input: &LogicalPlan) -> Res
         return Ok(rows);
     }
     let mut batch = WriteBatch::default();
-    let keys = row_keys(table, &rows, &mut batch)?;
+    let keys = table.row_keys(&rows, &mut batch)?;
     if !table.def.primary_key.is_empty() {
         check_unique(engine, table, &rows, &keys, &HashSet::new())?;
     }
-    for (k, v) in keys.iter().zip(row_values(table, &rows)?) {
+    for (k, v) in keys.iter().zip(table.row_values(&rows)?) {
         batch.put(k, v);
     }
     commit(engine, table, batch, ChangeBatch::uniform(rows.clone(), 1)).await?;
@@ -190,12 +190,12 @@ async fn update(engine: &Engine, table: &Arc<Table>, input: LogicalPlan) -> Resu
     for k in &old_keys {
         batch.delete(k);
     }
-    let new_keys = row_keys(table, &new, &mut batch)?;
+    let new_keys = table.row_keys(&new, &mut batch)?;
     if !table.def.primary_key.is_empty() {
         let freed: HashSet<&[u8]> = old_keys.iter().map(|k| k.as_slice()).collect();
         check_unique(engine, table, &new, &new_keys, &freed)?;
     }
-    for (k, v) in new_keys.iter().zip(row_values(table, &new)?) {
+    for (k, v) in new_keys.iter().zip(table.row_values(&new)?) {
         batch.put(k, v);
     }
     let change = ChangeBatch::concat(
@@ -286,63 +286,16 @@ fn conform(table: &Table, rows: &RecordBatch) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(table.schema.clone(), cols)?)
 }
 
-/// Storage keys for new rows: the encoded primary key, or fresh row ids.
-fn row_keys(table: &Table, rows: &RecordBatch, batch: &mut WriteBatch) -> Result<Vec<Vec<u8>>> {
-    let prefix = table_prefix(table.def.id);
-    let n = rows.num_rows();
-    if table.def.primary_key.is_empty() {
-        let first = table.reserve_row_ids(n as u64, batch);
-        return Ok((0..n as u64)
-            .map(|i| {
-                let mut k = prefix.to_vec();
-                k.extend_from_slice(&(first + i).to_be_bytes());
-                k
-            })
-            .collect());
-    }
-    let types: Vec<&SqlType> = table
-        .def
-        .primary_key
-        .iter()
-        .map(|&i| &table.def.columns[i].ty)
-        .collect();
-    let arrays: Vec<&ArrayRef> = table
-        .def
-        .primary_key
-        .iter()
-        .map(|&i| rows.column(i))
-        .collect();
-    (0..n)
-        .map(|r| {
-            let mut k = prefix.to_vec();
-            encode_row(&mut k, &types, &arrays, r)?;
-            Ok(k)
-        })
-        .collect()
-}
-
-fn row_values(table: &Table, rows: &RecordBatch) -> Result<Vec<Vec<u8>>> {
-    let types: Vec<&SqlType> = table.def.columns.iter().map(|c| &c.ty).collect();
-    let arrays: Vec<&ArrayRef> = rows.columns().iter().collect();
-    (0..rows.num_rows())
-        .map(|r| {
-            let mut v = Vec::new();
-            encode_row(&mut v, &types, &arrays, r)?;
-            Ok(v)
-        })
-        .collect()
-}
-
 /// Keys of stored rows equal to `rows`. With a primary key that is the
 /// encoded key; without one, rows are matched by value (identical rows are
 /// indistinguishable, so any `n` of them are the right `n`).
 fn stored_keys(engine: &Engine, table: &Table, rows: &RecordBatch) -> Result<Vec<Vec<u8>>> {
     if !table.def.primary_key.is_empty() {
         let mut scratch = WriteBatch::default();
-        return row_keys(table, rows, &mut scratch);
+        return table.row_keys(rows, &mut scratch);
     }
     let mut wanted: HashMap<Vec<u8>, usize> = HashMap::new();
-    for v in row_values(table, rows)? {
+    for v in table.row_values(rows)? {
         *wanted.entry(v).or_default() += 1;
     }
     let mut remaining = rows.num_rows();

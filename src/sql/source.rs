@@ -12,7 +12,7 @@
 //!                 [, START TIMESTAMP ms] [, GROUP ID '…']
 //!                 [, 'librdkafka.property' [=] 'value' …])
 //!     FORMAT JSON | CSV [(DELIMITER 'c')] | TEXT | BYTES
-//!     [ENVELOPE NONE]
+//!     [ENVELOPE NONE | UPSERT | DEBEZIUM]
 //!     [INCLUDE KEY | PARTITION | OFFSET | TIMESTAMP | HEADERS [AS name], …]
 //!     [ON ERROR SKIP | FAIL]
 //! DROP SOURCE [IF EXISTS] name [, …] [CASCADE | RESTRICT]
@@ -36,7 +36,7 @@ use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 use crate::catalog::types::SqlType;
 use crate::catalog::{ColumnDef, ConnectionDef, Relation, SourceConnector, SourceDef};
 use crate::connector::kafka::{OnError, StartOffset, Topics};
-use crate::connector::{Format, GeneratorSpec, KafkaSpec, Meta, NexmarkTable};
+use crate::connector::{Envelope, Format, GeneratorSpec, KafkaSpec, Meta, NexmarkTable};
 use crate::engine::Engine;
 use crate::error::{DataErrorKind, Error, Result};
 use crate::sql::{Outcome, Rows};
@@ -508,7 +508,7 @@ impl Cursor<'_> {
         let mut format = None;
         let mut include: Vec<(Meta, String)> = Vec::new();
         let mut on_error = None;
-        let mut envelope = false;
+        let mut envelope = None;
         while self.peek().is_some() {
             if self.keyword("FORMAT") {
                 if format.is_some() {
@@ -539,16 +539,17 @@ impl Cursor<'_> {
                     return Err(self.error("JSON, CSV, TEXT or BYTES"));
                 });
             } else if self.keyword("ENVELOPE") {
-                if envelope {
+                if envelope.is_some() {
                     return Err(Error::Syntax("ENVELOPE given twice".into()));
                 }
-                envelope = true;
-                if self.keyword("UPSERT") || self.keyword("DEBEZIUM") {
-                    return Err(Error::unsupported(
-                        "ENVELOPE UPSERT and DEBEZIUM are not supported yet; sources are append-only (ENVELOPE NONE)",
-                    ));
-                }
-                self.expect_keyword("NONE")?;
+                envelope = Some(if self.keyword("UPSERT") {
+                    Envelope::Upsert
+                } else if self.keyword("DEBEZIUM") {
+                    Envelope::Debezium
+                } else {
+                    self.expect_keyword("NONE")?;
+                    Envelope::None
+                });
             } else if self.keyword("INCLUDE") {
                 loop {
                     let word = upper_word(self.peek().unwrap_or(&Token::EOF));
@@ -592,6 +593,11 @@ impl Cursor<'_> {
         let format = format.ok_or_else(|| {
             Error::Syntax("a Kafka source needs FORMAT JSON, CSV, TEXT or BYTES".into())
         })?;
+        let envelope = envelope.unwrap_or_default();
+        // A keyed envelope keys rows by the Kafka key: it is a column.
+        if envelope != Envelope::None && !include.iter().any(|(m, _)| *m == Meta::Key) {
+            include.push((Meta::Key, Meta::Key.default_name().to_string()));
+        }
         let columns = match (columns, &format) {
             (Some(c), _) => c,
             (None, Format::Text) => vec![ColumnDef {
@@ -626,6 +632,7 @@ impl Cursor<'_> {
                 format,
                 include: include.into_iter().map(|(m, _)| m).collect(),
                 on_error: on_error.unwrap_or(OnError::Skip),
+                envelope,
                 starts: Vec::new(),
             },
         })
@@ -1285,7 +1292,8 @@ mod tests {
             "create source c (a int) from kafka (brokers 'x', topic 't') format csv (delimiter 'ab')",
             "create source c (a int primary key) from kafka (brokers 'x', topic 't') format json",
             "create source c (a int) from kafka (brokers 'x', topic 't') format avro",
-            "create source c (a int) from kafka (brokers 'x', topic 't') format json envelope upsert",
+            "create source c (a int) from kafka (brokers 'x', topic 't') format json envelope upsert envelope none",
+            "create source c (a int) from kafka (brokers 'x', topic 't') format json envelope sideways",
             "create connection k to kafka ('a' 'b')",
             "create source (a int) from generator counter",
             "drop source",

@@ -97,6 +97,8 @@ impl Broker {
             .set("linger.ms", "0")
             .set("batch.num.messages", "1")
             .set("message.max.bytes", "2000000")
+            // Keyed tests rely on per-partition order.
+            .set("enable.idempotence", "true")
             .create()
             .expect("producer");
         Producer1(p)
@@ -109,6 +111,9 @@ impl Drop for Broker {
         let _ = self.child.wait();
     }
 }
+
+/// A keyed record: partition, key, value (`None` = tombstone).
+pub type Keyed = (i32, Vec<u8>, Option<Vec<u8>>);
 
 /// A producer for tests.
 pub struct Producer1(BaseProducer);
@@ -137,6 +142,30 @@ impl Producer1 {
         }
         self.0.send(rec).map_err(|(e, _)| e).expect("send");
         self.0.flush(Duration::from_secs(30)).expect("flush");
+    }
+
+    /// Sends keyed records (value `None` = tombstone) in order, then waits
+    /// for all.
+    pub fn send_keyed(&self, topic: &str, records: &[Keyed]) {
+        for (partition, key, value) in records {
+            let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
+                .partition(*partition)
+                .key(key.as_slice());
+            if let Some(v) = value {
+                rec = rec.payload(v.as_slice());
+            }
+            loop {
+                match self.0.send(rec) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        rec = r;
+                        self.0.poll(Duration::from_millis(10));
+                    }
+                }
+            }
+            self.0.poll(Duration::ZERO);
+        }
+        self.0.flush(Duration::from_secs(60)).expect("flush");
     }
 
     /// Sends many values round-robin over `partitions`, then waits for all.
