@@ -388,7 +388,7 @@ impl Upserts {
             let k = self.next() % 40;
             let key = format!("k{k}");
             let partition = (k % 2) as i32;
-            if self.next() % 5 == 0 {
+            if self.next().is_multiple_of(5) {
                 records.push((partition, key.clone().into_bytes(), None));
                 model.remove(&key);
             } else {
