@@ -160,7 +160,14 @@ impl SourceRun {
                     .def
                     .decoder()?
                     .ok_or_else(|| Error::Internal("Kafka source without decoder".into()))?;
-                let reader = KafkaReader::start(&source.def.name, spec, decoder, &positions)?;
+                let wake = engine.driver.wake.clone();
+                let reader = KafkaReader::start(
+                    &source.def.name,
+                    spec,
+                    decoder,
+                    &positions,
+                    Arc::new(move || wake.notify()),
+                )?;
                 let mut errors = 0u64;
                 engine
                     .store
@@ -420,12 +427,33 @@ pub struct PartitionStatus {
     pub state: String,
 }
 
+/// Shortest time between two epochs that records (not the interval) asked
+/// for: a trickle of records must not turn every poll into its own fsync'd
+/// epoch, while a burst is committed within a few milliseconds.
+const MIN_EPOCH_GAP: Duration = Duration::from_millis(10);
+
+/// Wakes the driver before its interval is up: a `FLUSH`, or records a
+/// Kafka reader has ready.
+#[derive(Default)]
+pub struct Wake {
+    pending: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Wake {
+    /// Asks for an epoch now.
+    pub fn notify(&self) {
+        *self.pending.lock() = true;
+        self.cv.notify_one();
+    }
+}
+
 /// The driver's shared state; owned by the [`Engine`].
 #[derive(Default)]
 pub struct Driver {
     runs: Mutex<Vec<SourceRun>>,
     flush_waiters: Mutex<Vec<oneshot::Sender<()>>>,
-    wake: Condvar,
+    wake: Arc<Wake>,
     epochs: AtomicU64,
 }
 
@@ -604,7 +632,7 @@ impl Driver {
             }
             let (tx, rx) = oneshot::channel();
             self.flush_waiters.lock().push(tx);
-            self.wake.notify_one();
+            self.wake.notify();
             // The driver answers after its next epoch; if it is gone (the
             // engine is shutting down) the sender is dropped: stop waiting.
             if rx.await.is_err() {
@@ -626,17 +654,24 @@ pub fn spawn(engine: &Arc<Engine>, interval: Duration) -> Result<()> {
 
 fn run(weak: Weak<Engine>, interval: Duration) {
     let mut behind = false;
+    let mut last = Instant::now();
     loop {
         let Some(engine) = weak.upgrade() else {
             return;
         };
         let driver = &engine.driver;
         if !behind {
-            let mut waiters = driver.flush_waiters.lock();
-            if waiters.is_empty() {
-                driver.wake.wait_for(&mut waiters, interval);
+            let mut pending = driver.wake.pending.lock();
+            if !*pending {
+                driver.wake.cv.wait_for(&mut pending, interval);
             }
+            *pending = false;
         }
+        let since = last.elapsed();
+        if since < MIN_EPOCH_GAP {
+            std::thread::sleep(MIN_EPOCH_GAP - since);
+        }
+        last = Instant::now();
         let waiters = std::mem::take(&mut *driver.flush_waiters.lock());
         behind = match epoch(&engine) {
             Ok(behind) => behind,

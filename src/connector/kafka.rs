@@ -512,13 +512,15 @@ impl std::fmt::Debug for KafkaReader {
 }
 
 impl KafkaReader {
-    /// Starts reading source `name` at `positions` (its committed ones).
-    /// Does not wait for the brokers.
+    /// Starts reading source `name` at `positions` (its committed ones),
+    /// calling `on_data` whenever a chunk is ready. Does not wait for the
+    /// brokers.
     pub fn start(
         name: &str,
         spec: &KafkaSpec,
         decoder: RecordDecoder,
         positions: &Positions,
+        on_data: Arc<dyn Fn() + Send + Sync>,
     ) -> Result<KafkaReader> {
         let consumer = Arc::new(spec.consumer(name)?);
         let mut tpl = TopicPartitionList::new();
@@ -548,7 +550,9 @@ impl KafkaReader {
             let assigned: Vec<(String, i32)> = positions.keys().cloned().collect();
             std::thread::Builder::new()
                 .name(format!("kafka-{name}"))
-                .spawn(move || read_loop(&consumer, &shared, &spec, &decoder, tx, assigned))?
+                .spawn(move || {
+                    read_loop(&consumer, &shared, &spec, &decoder, tx, assigned, &*on_data)
+                })?
         };
         Ok(KafkaReader {
             rx,
@@ -612,6 +616,7 @@ fn read_loop(
     decoder: &RecordDecoder,
     tx: SyncSender<Chunk>,
     mut assigned: Vec<(String, i32)>,
+    on_data: &(dyn Fn() + Send + Sync),
 ) {
     let re = spec.pattern().ok().flatten();
     let mut last_refresh: Option<Instant> = None;
@@ -693,7 +698,10 @@ fn read_loop(
         drop(msgs);
         loop {
             match tx.try_send(chunk) {
-                Ok(()) => break,
+                Ok(()) => {
+                    on_data();
+                    break;
+                }
                 Err(TrySendError::Full(c)) => {
                     if shared.stop.load(Ordering::Relaxed) {
                         return;

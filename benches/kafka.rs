@@ -1,0 +1,298 @@
+//! Kafka ingestion: Sluice against the raw rdkafka consume rate of the same
+//! topic, measured in the same run, and end-to-end freshness.
+//!
+//! ```sh
+//! cargo bench --bench kafka                       # BENCH_RECORDS=5000000
+//! BENCH_RECORDS=1000000 cargo bench --bench kafka
+//! ```
+//!
+//! 1. Starts Tansu (in-memory) on a free port and produces BENCH_RECORDS
+//!    Nexmark bids as JSON into a 4-partition topic.
+//! 2. Baseline: a plain rdkafka consumer (the configuration Sluice's reader
+//!    uses) assigned to the 4 partitions reads every record's bytes.
+//! 3. Sluice, in-process, fresh data directory, fsync on: `CREATE SOURCE …
+//!    FORMAT JSON` plus (a) a pass-through materialized view, (b) a GROUP BY
+//!    view; the time from CREATE SOURCE until every record is committed.
+//! 4. Freshness: a producer at 100 000 records/s for 10 s into another
+//!    topic; a client polls `SELECT m FROM fresh_mv` (the max sequence
+//!    number seen) and records, for each newly visible record, the time
+//!    since it was produced. Reports p50/p99.
+
+#[path = "../tests/common/kafka.rs"]
+mod kafka;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{Array, Int64Array};
+use parking_lot::Mutex;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use sluice::config::Config;
+use sluice::connector::{GeneratorSpec, NexmarkTable};
+use sluice::engine::Engine;
+use sluice::session::Session;
+use sluice::sql::Outcome;
+
+const PARTITIONS: i32 = 4;
+const SOURCE_COLUMNS: &str = "(auction BIGINT, bidder BIGINT, price BIGINT, channel TEXT, \
+    url TEXT, date_time TIMESTAMP, extra TEXT)";
+
+fn producer(addr: &str) -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.kbytes", "1048576")
+        .create()
+        .expect("producer")
+}
+
+fn send(p: &BaseProducer, topic: &str, partition: i32, value: &[u8]) {
+    let mut rec: BaseRecord<'_, (), [u8]> = BaseRecord::to(topic).partition(partition).payload(value);
+    loop {
+        match p.send(rec) {
+            Ok(()) => return,
+            Err((_, r)) => {
+                rec = r;
+                p.poll(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+/// Nexmark bids as JSON lines (the nexmark crate's events, via the
+/// generator source's rows).
+fn bids(from: u64, to: u64) -> Vec<Vec<u8>> {
+    let spec = GeneratorSpec::Nexmark {
+        table: NexmarkTable::Bid,
+        rate: 0,
+        events: None,
+        base_time_ms: 1_700_000_000_000,
+    };
+    let batch = spec.generate(from, to).expect("generate");
+    let mut buf = Vec::new();
+    {
+        let mut w = datafusion::arrow::json::LineDelimitedWriter::new(&mut buf);
+        w.write(&batch).expect("json");
+        w.finish().expect("json");
+    }
+    buf.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| l.to_vec())
+        .collect()
+}
+
+fn produce_all(addr: &str, topic: &str, n: u64) -> (u64, f64) {
+    let p = producer(addr);
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    let mut i = 0u64;
+    while i < n {
+        let to = n.min(i + 65536);
+        for (j, v) in bids(i, to).iter().enumerate() {
+            bytes += v.len() as u64;
+            send(&p, topic, ((i + j as u64) % PARTITIONS as u64) as i32, v);
+        }
+        p.poll(Duration::ZERO);
+        i = to;
+    }
+    p.flush(Duration::from_secs(300)).expect("flush");
+    (bytes, start.elapsed().as_secs_f64())
+}
+
+fn raw_consume(addr: &str, topic: &str, n: u64) -> f64 {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .set("group.id", "bench-raw")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "20")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, p, Offset::Offset(0)).expect("tpl");
+    }
+    c.assign(&tpl).expect("assign");
+    let start = Instant::now();
+    let (mut seen, mut bytes) = (0u64, 0u64);
+    while seen < n {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            bytes += m.payload().map_or(0, |p| p.len() as u64);
+            seen += 1;
+        }
+    }
+    std::hint::black_box(bytes);
+    start.elapsed().as_secs_f64()
+}
+
+async fn run(session: &mut Session, sql: &str) -> Outcome {
+    let engine = session.engine().clone();
+    let prepared = Session::prepare(&engine, sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .expect("a statement");
+    session
+        .execute(&prepared, None, false, false)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+async fn sluice_ingest(addr: &str, topic: &str, n: u64, view: &str) -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(Config::for_data_dir(dir.path())).expect("engine");
+    let mut session = Session::new(engine.clone());
+    let start = Instant::now();
+    run(
+        &mut session,
+        &format!(
+            "CREATE SOURCE bids {SOURCE_COLUMNS} FROM KAFKA (BROKERS '{addr}', TOPIC '{topic}') FORMAT JSON"
+        ),
+    )
+    .await;
+    run(&mut session, &format!("CREATE MATERIALIZED VIEW v AS {view}")).await;
+    loop {
+        let s = engine.driver.status();
+        if s[0].offset >= n {
+            assert_eq!(s[0].errors, 0, "bad records in the benchmark topic");
+            return start.elapsed().as_secs_f64();
+        }
+        assert!(!s[0].state.starts_with("failed"), "{}", s[0].state);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// (p50, p99, samples) of produce → visible-to-SELECT, in milliseconds.
+async fn freshness(addr: &str, rate: u64, secs: u64) -> (f64, f64, u64) {
+    let topic = "fresh";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(Config::for_data_dir(dir.path())).expect("engine");
+    let mut session = Session::new(engine.clone());
+    run(
+        &mut session,
+        &format!(
+            "CREATE SOURCE fresh (seq BIGINT, pad TEXT) FROM KAFKA (BROKERS '{addr}', TOPIC '{topic}') FORMAT JSON;"
+        ),
+    )
+    .await;
+    run(
+        &mut session,
+        "CREATE MATERIALIZED VIEW fresh_mv AS SELECT max(seq) AS m FROM fresh",
+    )
+    .await;
+    let total = rate * secs;
+    let sent: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::with_capacity(total as usize)));
+    let producer = {
+        let sent = sent.clone();
+        let addr = addr.to_string();
+        std::thread::spawn(move || {
+            let p = producer(&addr);
+            let start = Instant::now();
+            let pad = "x".repeat(100);
+            for seq in 0..total {
+                // Pace: record `seq` is due at seq / rate seconds.
+                let due = start + Duration::from_secs_f64(seq as f64 / rate as f64);
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                let v = format!(r#"{{"seq": {seq}, "pad": "{pad}"}}"#);
+                sent.lock().push(Instant::now());
+                send(&p, topic, (seq % PARTITIONS as u64) as i32, v.as_bytes());
+                p.poll(Duration::ZERO);
+            }
+            p.flush(Duration::from_secs(60)).expect("flush");
+        })
+    };
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+    let mut last: i64 = -1;
+    let engine2 = engine.clone();
+    let query = Session::prepare(&engine2, "SELECT m FROM fresh_mv")
+        .await
+        .expect("prepare")
+        .expect("statement");
+    while last + 1 < total as i64 {
+        let out = session
+            .execute(&query, None, false, false)
+            .await
+            .expect("select");
+        let now = Instant::now();
+        if let Outcome::Rows(rows) = out {
+            let m = rows
+                .batches
+                .iter()
+                .find(|b| b.num_rows() > 0)
+                .and_then(|b| b.column(0).as_any().downcast_ref::<Int64Array>().cloned())
+                .filter(|a| !a.is_null(0))
+                .map(|a| a.value(0))
+                .unwrap_or(-1);
+            if m > last {
+                // Every record up to m became visible by now; sample the
+                // newest (the others are older, so have waited longer:
+                // sample them all).
+                let sent = sent.lock();
+                for s in (last + 1)..=m {
+                    let at = sent[s as usize];
+                    hist.record(now.saturating_duration_since(at).as_micros() as u64)
+                        .expect("record");
+                }
+                last = m;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    producer.join().expect("producer");
+    (
+        hist.value_at_quantile(0.5) as f64 / 1000.0,
+        hist.value_at_quantile(0.99) as f64 / 1000.0,
+        hist.len(),
+    )
+}
+
+fn main() {
+    let n: u64 = std::env::var("BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000_000);
+    let broker = kafka::Broker::start();
+    let addr = broker.addr();
+    broker.create_topic("bids", PARTITIONS as u32);
+    broker.create_topic("fresh", PARTITIONS as u32);
+    println!(
+        "kafka: {n} Nexmark bid JSON records, {PARTITIONS} partitions, Tansu in-memory, {} cores",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    let (bytes, secs) = produce_all(&addr, "bids", n);
+    println!(
+        "| produce (rdkafka, batched) | {n} | {secs:.2} | {:.0} | avg {} bytes/record |",
+        n as f64 / secs,
+        bytes / n.max(1)
+    );
+    let raw = raw_consume(&addr, "bids", n);
+    println!("| raw rdkafka consume | {n} | {raw:.2} | {:.0} | 100% |", n as f64 / raw);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    for (name, view) in [
+        ("(a) pass-through view", "SELECT * FROM bids"),
+        (
+            "(b) GROUP BY view",
+            "SELECT auction, count(*) AS n, sum(price) AS s, max(price) AS m FROM bids GROUP BY auction",
+        ),
+    ] {
+        let secs = runtime.block_on(sluice_ingest(&addr, "bids", n, view));
+        println!(
+            "| Sluice {name} | {n} | {secs:.2} | {:.0} | {:.0}% |",
+            n as f64 / secs,
+            100.0 * raw / secs
+        );
+    }
+    let (p50, p99, samples) = runtime.block_on(freshness(&addr, 100_000, 10));
+    println!(
+        "| freshness at 100 000 records/s, 10 s | {samples} samples | p50 {p50:.1} ms | p99 {p99:.1} ms |"
+    );
+}
