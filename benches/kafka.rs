@@ -52,7 +52,8 @@ fn producer(addr: &str) -> BaseProducer {
 }
 
 fn send(p: &BaseProducer, topic: &str, partition: i32, value: &[u8]) {
-    let mut rec: BaseRecord<'_, (), [u8]> = BaseRecord::to(topic).partition(partition).payload(value);
+    let mut rec: BaseRecord<'_, (), [u8]> =
+        BaseRecord::to(topic).partition(partition).payload(value);
     loop {
         match p.send(rec) {
             Ok(()) => return,
@@ -115,7 +116,8 @@ fn raw_consume(addr: &str, topic: &str, n: u64) -> f64 {
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Offset(0)).expect("tpl");
+        tpl.add_partition_offset(topic, p, Offset::Offset(0))
+            .expect("tpl");
     }
     c.assign(&tpl).expect("assign");
     let start = Instant::now();
@@ -154,7 +156,11 @@ async fn sluice_ingest(addr: &str, topic: &str, n: u64, view: &str) -> f64 {
         ),
     )
     .await;
-    run(&mut session, &format!("CREATE MATERIALIZED VIEW v AS {view}")).await;
+    run(
+        &mut session,
+        &format!("CREATE MATERIALIZED VIEW v AS {view}"),
+    )
+    .await;
     loop {
         let s = engine.driver.status();
         if s[0].offset >= n {
@@ -275,7 +281,10 @@ fn main() {
         bytes / n.max(1)
     );
     let raw = raw_consume(&addr, "bids", n);
-    println!("| raw rdkafka consume | {n} | {raw:.2} | {:.0} | 100% |", n as f64 / raw);
+    println!(
+        "| raw rdkafka consume | {n} | {raw:.2} | {:.0} | 100% |",
+        n as f64 / raw
+    );
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     for (name, view) in [
         ("(a) pass-through view", "SELECT * FROM bids"),

@@ -299,6 +299,18 @@ fn classify_datafusion(e: DataFusionError) -> Error {
         }
         DataFusionError::IoError(ioe) => return Error::Internal(ioe.to_string()),
         DataFusionError::External(ext) => {
+            // Our own error, raised inside a scan (a Kafka read): keep its
+            // class.
+            if let Some(ours) = ext.downcast_ref::<Error>() {
+                match ours {
+                    Error::Connector(m) => return Error::Connector(m.clone()),
+                    Error::Decode(m) => return Error::Decode(m.clone()),
+                    Error::UndefinedObject(m) => return Error::UndefinedObject(m.clone()),
+                    Error::Storage(m) => return Error::Storage(m.clone()),
+                    Error::Data { kind, message } => return Error::data(*kind, message.clone()),
+                    _ => {}
+                }
+            }
             if let Some(inner) = ext.downcast_ref::<ArrowError>() {
                 if let Some(err) = classify_arrow(inner) {
                     return err;

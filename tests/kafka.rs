@@ -116,7 +116,7 @@ async fn json_source_views_equal_the_topic_and_bad_records_are_kept() {
         &format!(
             "CREATE SOURCE bids (auction BIGINT NOT NULL, bidder BIGINT, price BIGINT, date_time TIMESTAMP)
              FROM KAFKA (BROKERS '{}', TOPIC 'bids', START OFFSET 'earliest')
-             FORMAT JSON;",
+             FORMAT JSON ON ERROR DEAD LETTER TOPIC 'bids-dlq';",
             broker.addr()
         ),
     )
@@ -167,6 +167,28 @@ async fn json_source_views_equal_the_topic_and_bad_records_are_kept() {
     assert!(
         status.starts_with("bids|kafka topic 'bids' (json)|3005|running|5"),
         "{status}"
+    );
+    // The committed offsets reach the consumer group, for lag tools.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let committed = broker.committed("sluice-bids", "bids", 4);
+        if committed.iter().sum::<i64>() == 3005 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "group offsets {committed:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The dead letter topic has the whole records, with why.
+    let mut dlq = broker.read_topic("bids-dlq", 5);
+    dlq.sort();
+    assert_eq!(dlq.len(), 5, "{dlq:?}");
+    assert_eq!(dlq[4].0, br#"{"bidder": 5}"#.to_vec());
+    assert!(
+        dlq[4].1.contains(&"sluice.offset=504".to_string())
+            && dlq[4].1.contains(&"sluice.source=bids".to_string())
+            && dlq[4].1.iter().any(|h| h.starts_with("sluice.error=")),
+        "{:?}",
+        dlq[4].1
     );
     // Per-partition observability: caught up, four partitions.
     wait_for(
@@ -505,4 +527,142 @@ async fn upsert_and_debezium_sources_keep_the_latest_row_per_key() {
     p.send_keyed("cdc", &events);
     exec(&c, "FLUSH").await;
     assert_eq!(rows(&c, "SELECT * FROM cdc_mv").await, vec!["1|A", "3|c"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_shows_in_sql_and_loses_nothing() {
+    let s3 = common::kafka::S3::start("tansu");
+    let mut broker = Broker::start_s3(&s3, "tansu");
+    broker.create_topic("bids", 2);
+    // One acknowledged request at a time: Tansu's S3 storage loses
+    // concurrent in-flight batches to the same partition.
+    let p = broker.producer();
+    for i in 0..40 {
+        p.send("bids", (i % 2) as i32, None, Some(bid(i).as_bytes()), &[]);
+    }
+    drop(p);
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let c = server.connect().await;
+    exec(
+        &c,
+        &format!(
+            "CREATE SOURCE bids (auction BIGINT, bidder BIGINT, price BIGINT, date_time TIMESTAMP)
+             FROM KAFKA (BROKERS '{}', TOPIC 'bids') FORMAT JSON;
+             CREATE MATERIALIZED VIEW totals AS SELECT count(*) AS n, sum(price) AS s FROM bids;",
+            broker.addr()
+        ),
+    )
+    .await;
+    let sum = |n: i64| (0..n).map(|i| (i * 37) % 1000).sum::<i64>();
+    wait_for(&c, "SELECT n, s FROM totals", &format!("40|{}", sum(40))).await;
+
+    broker.kill9();
+    // The outage is visible, and nothing else breaks.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = one(&c, "SHOW SOURCES").await;
+        if s.contains("|retrying: ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no retrying state: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(one(&c, "SELECT n FROM totals").await, "40");
+
+    broker.restart();
+    let p = broker.producer();
+    for i in 40..80 {
+        p.send("bids", (i % 2) as i32, None, Some(bid(i).as_bytes()), &[]);
+    }
+    wait_for(&c, "SELECT n, s FROM totals", &format!("80|{}", sum(80))).await;
+    // And the state is back to running.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = one(&c, "SHOW SOURCES").await;
+        if s.contains("|running|") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still not running: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_records_decode_and_truncated_ones_are_kept_as_errors() {
+    use apache_avro::types::Value;
+    let schema_text = r#"{"type": "record", "name": "bid", "fields": [
+        {"name": "auction", "type": "long"},
+        {"name": "price", "type": "long"},
+        {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "note", "type": ["null", "string"], "default": null}]}"#;
+    let schema = apache_avro::Schema::parse_str(schema_text).unwrap();
+    let broker = Broker::start();
+    broker.create_topic("avro", 1);
+    let p = broker.producer();
+    let mut values = Vec::new();
+    for i in 0..50i64 {
+        let v = Value::Record(vec![
+            ("auction".into(), Value::Long(i % 5)),
+            ("price".into(), Value::Long(i * 10)),
+            ("at".into(), Value::TimestampMillis(1_700_000_000_000 + i)),
+            (
+                "note".into(),
+                if i % 2 == 0 {
+                    Value::Union(0, Box::new(Value::Null))
+                } else {
+                    Value::Union(1, Box::new(Value::String(format!("n{i}"))))
+                },
+            ),
+        ]);
+        #[allow(deprecated)]
+        values.push(apache_avro::to_avro_datum(&schema, v).unwrap());
+    }
+    for v in &values {
+        p.send("avro", 0, None, Some(v), &[]);
+    }
+    // Truncated: the last byte missing.
+    p.send(
+        "avro",
+        0,
+        None,
+        Some(&values[3][..values[3].len() - 1]),
+        &[],
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let c = server.connect().await;
+    exec(
+        &c,
+        &format!(
+            "CREATE SOURCE a (auction INT, price BIGINT, at TIMESTAMP, note TEXT)
+               FROM KAFKA (BROKERS '{}', TOPIC 'avro') FORMAT AVRO (SCHEMA '{}');
+             CREATE MATERIALIZED VIEW a_mv AS
+               SELECT auction, count(*) AS n, sum(price) AS s, count(note) AS notes, min(at) AS first
+               FROM a GROUP BY auction;
+             FLUSH;",
+            broker.addr(),
+            schema_text.replace('\'', "''")
+        ),
+    )
+    .await;
+    assert_eq!(
+        rows(&c, "SELECT * FROM a_mv").await,
+        rows(
+            &c,
+            "SELECT auction, count(*), sum(price), count(note), min(at) FROM a GROUP BY auction"
+        )
+        .await
+    );
+    assert_eq!(
+        one(&c, "SELECT * FROM a_mv WHERE auction = 1").await,
+        "1|10|2350|5|2023-11-14 22:13:20.001"
+    );
+    let status = rows(&c, "SHOW SOURCES").await;
+    assert_eq!(status.len(), 1, "{status:?}");
+    assert!(status[0].ends_with("|51|running|1"), "{status:?}");
+    let e = one(&c, "SELECT \"offset\", error FROM sluice_source_errors").await;
+    assert!(e.starts_with("50|invalid Avro"), "{e}");
 }

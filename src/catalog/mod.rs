@@ -122,7 +122,9 @@ pub struct SourceDef {
     pub connector: SourceConnector,
 }
 
-/// What produces a source's rows.
+/// What produces a source's rows. (One per source definition: the Kafka
+/// variant's size does not matter.)
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceConnector {

@@ -25,8 +25,10 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::common::ScalarValue;
 use serde::{Deserialize, Serialize};
 
+use super::avro;
 use crate::error::{Error, Result};
 
 /// How a record's value is encoded.
@@ -44,6 +46,14 @@ pub enum Format {
     Text,
     /// The raw value bytes, one column.
     Bytes,
+    /// Avro binary: with an inline writer schema, or in the Confluent
+    /// schema-registry wire format (magic byte 0, schema id, datum).
+    Avro {
+        /// Inline schema (JSON), or `None` with a registry.
+        schema: Option<String>,
+        /// Schema registry URL (`http://host:port`).
+        registry: Option<String>,
+    },
 }
 
 impl std::fmt::Display for Format {
@@ -53,6 +63,10 @@ impl std::fmt::Display for Format {
             Format::Csv { delimiter } => write!(f, "csv (delimiter '{}')", *delimiter as char),
             Format::Text => f.write_str("text"),
             Format::Bytes => f.write_str("bytes"),
+            Format::Avro {
+                registry: Some(r), ..
+            } => write!(f, "avro (registry {r})"),
+            Format::Avro { .. } => f.write_str("avro"),
         }
     }
 }
@@ -220,6 +234,8 @@ pub struct RecordDecoder {
     /// Largest value accepted, in bytes.
     max_record_bytes: usize,
     envelope: Envelope,
+    /// Avro: the inline schema, and registry schemas by id.
+    avro: Option<Arc<avro::Schemas>>,
 }
 
 /// Values larger than this are rejected into the error table.
@@ -257,7 +273,7 @@ impl RecordDecoder {
             }
             _ => {}
         }
-        let json: Vec<(usize, String)> = if format == Format::Json {
+        let json: Vec<(usize, String)> = if matches!(format, Format::Json | Format::Avro { .. }) {
             json_columns
                 .iter()
                 .map(|&i| (i, value_fields[i].name().clone()))
@@ -273,7 +289,15 @@ impl RecordDecoder {
                 .map(|(_, f)| f.as_ref().clone())
                 .collect::<Vec<Field>>(),
         ));
+        let avro = match &format {
+            Format::Avro { schema, registry } => Some(Arc::new(avro::Schemas::new(
+                schema.as_deref(),
+                registry.as_deref(),
+            )?)),
+            _ => None,
+        };
         Ok(RecordDecoder {
+            avro,
             format,
             schema,
             value_columns,
@@ -451,6 +475,43 @@ impl RecordDecoder {
                 } else {
                     self.merge_json_columns(records, decoded)?
                 }
+            }
+            Format::Avro { .. } => {
+                let schemas = self
+                    .avro
+                    .as_ref()
+                    .ok_or_else(|| Error::Internal("Avro decoder without schemas".into()))?;
+                let fields = &self.schema.fields()[..self.value_columns];
+                let json: Vec<bool> = (0..self.value_columns)
+                    .map(|i| self.json_columns.iter().any(|(j, _)| *j == i))
+                    .collect();
+                let mut cols: Vec<Vec<ScalarValue>> = (0..self.value_columns)
+                    .map(|_| Vec::with_capacity(n))
+                    .collect();
+                for p in payloads {
+                    let record = schemas.decode(p)?;
+                    for (i, f) in fields.iter().enumerate() {
+                        let v = record.iter().find(|(k, _)| k == f.name()).map(|(_, v)| v);
+                        let v = avro::to_scalar(v, f.data_type(), json[i])?;
+                        if v.is_null() && !f.is_nullable() {
+                            return Err(Error::Decode(format!(
+                                "field \"{}\" is missing or null but the column is NOT NULL",
+                                f.name()
+                            )));
+                        }
+                        cols[i].push(v);
+                    }
+                }
+                cols.into_iter()
+                    .zip(fields.iter())
+                    .map(|(c, f)| {
+                        if c.is_empty() {
+                            Ok(datafusion::arrow::array::new_empty_array(f.data_type()))
+                        } else {
+                            Ok(ScalarValue::iter_to_array(c)?)
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?
             }
             Format::Csv { delimiter } => {
                 let mut d = datafusion::arrow::csv::ReaderBuilder::new(self.decoded_schema.clone())

@@ -14,6 +14,7 @@
 //! partition — decoded by [`format`]. The module knows nothing of SQL or
 //! the catalog; it speaks Arrow.
 
+pub mod avro;
 pub mod format;
 pub mod generator;
 pub mod kafka;

@@ -12,9 +12,10 @@
 //!                 [, START TIMESTAMP ms] [, GROUP ID '…']
 //!                 [, 'librdkafka.property' [=] 'value' …])
 //!     FORMAT JSON | CSV [(DELIMITER 'c')] | TEXT | BYTES
+//!          | AVRO (SCHEMA '…' | SCHEMA REGISTRY 'http://…')
 //!     [ENVELOPE NONE | UPSERT | DEBEZIUM]
 //!     [INCLUDE KEY | PARTITION | OFFSET | TIMESTAMP | HEADERS [AS name], …]
-//!     [ON ERROR SKIP | FAIL]
+//!     [ON ERROR SKIP | FAIL | DEAD LETTER TOPIC 'topic']
 //! DROP SOURCE [IF EXISTS] name [, …] [CASCADE | RESTRICT]
 //! SHOW SOURCES
 //! CREATE CONNECTION [IF NOT EXISTS] name TO KAFKA (BROKERS '…' [, 'property' 'value' …])
@@ -508,6 +509,7 @@ impl Cursor<'_> {
         let mut format = None;
         let mut include: Vec<(Meta, String)> = Vec::new();
         let mut on_error = None;
+        let mut dead_letter = None;
         let mut envelope = None;
         while self.peek().is_some() {
             if self.keyword("FORMAT") {
@@ -534,9 +536,21 @@ impl Cursor<'_> {
                 } else if self.keyword("BYTES") {
                     Format::Bytes
                 } else if self.keyword("AVRO") {
-                    return Err(Error::unsupported("FORMAT AVRO is not supported yet"));
+                    let (o, props) = self.named_options(&["SCHEMA", "SCHEMA REGISTRY"])?;
+                    if let Some((k, _)) = props.first() {
+                        return Err(Error::Syntax(format!("unknown AVRO option '{k}'")));
+                    }
+                    let get = |k: &str| o.iter().find(|(n, _)| n == k).map(|(_, v)| v.text());
+                    let (schema, registry) = (get("SCHEMA"), get("SCHEMA REGISTRY"));
+                    if schema.is_some() == registry.is_some() {
+                        return Err(Error::Syntax(
+                            "FORMAT AVRO needs exactly one of SCHEMA '…' or SCHEMA REGISTRY 'http://…'"
+                                .into(),
+                        ));
+                    }
+                    Format::Avro { schema, registry }
                 } else {
-                    return Err(self.error("JSON, CSV, TEXT or BYTES"));
+                    return Err(self.error("JSON, CSV, AVRO, TEXT or BYTES"));
                 });
             } else if self.keyword("ENVELOPE") {
                 if envelope.is_some() {
@@ -580,18 +594,23 @@ impl Cursor<'_> {
                 } else if self.keyword("FAIL") {
                     OnError::Fail
                 } else if self.keyword("DEAD") {
-                    return Err(Error::unsupported(
-                        "ON ERROR DEAD LETTER TOPIC is not supported yet; bad records are in sluice_source_errors",
-                    ));
+                    self.expect_keyword("LETTER")?;
+                    self.expect_keyword("TOPIC")?;
+                    match self.peek() {
+                        Some(Token::SingleQuotedString(t)) => dead_letter = Some(t.clone()),
+                        _ => return Err(self.error("a quoted topic name")),
+                    }
+                    self.pos += 1;
+                    OnError::Skip
                 } else {
-                    return Err(self.error("SKIP or FAIL"));
+                    return Err(self.error("SKIP, FAIL or DEAD LETTER TOPIC 'topic'"));
                 });
             } else {
                 return Err(self.error("FORMAT, ENVELOPE, INCLUDE, ON ERROR or end of statement"));
             }
         }
         let format = format.ok_or_else(|| {
-            Error::Syntax("a Kafka source needs FORMAT JSON, CSV, TEXT or BYTES".into())
+            Error::Syntax("a Kafka source needs FORMAT JSON, CSV, AVRO, TEXT or BYTES".into())
         })?;
         let envelope = envelope.unwrap_or_default();
         // A keyed envelope keys rows by the Kafka key: it is a column.
@@ -632,6 +651,7 @@ impl Cursor<'_> {
                 format,
                 include: include.into_iter().map(|(m, _)| m).collect(),
                 on_error: on_error.unwrap_or(OnError::Skip),
+                dead_letter,
                 envelope,
                 starts: Vec::new(),
             },
@@ -1292,6 +1312,7 @@ mod tests {
             "create source c (a int) from kafka (brokers 'x', topic 't') format csv (delimiter 'ab')",
             "create source c (a int primary key) from kafka (brokers 'x', topic 't') format json",
             "create source c (a int) from kafka (brokers 'x', topic 't') format avro",
+            "create source c (a int) from kafka (brokers 'x', topic 't') format avro (schema 'x', schema registry 'y')",
             "create source c (a int) from kafka (brokers 'x', topic 't') format json envelope upsert envelope none",
             "create source c (a int) from kafka (brokers 'x', topic 't') format json envelope sideways",
             "create connection k to kafka ('a' 'b')",

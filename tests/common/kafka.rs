@@ -17,11 +17,79 @@ use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-/// A running Tansu broker (in-memory storage); killed on drop.
+/// A running Tansu broker; killed on drop.
 pub struct Broker {
     child: Child,
     /// Its port on 127.0.0.1.
     pub port: u16,
+    /// S3 endpoint and bucket when it stores in S3 (moto), so a restart
+    /// keeps the data.
+    s3: Option<(String, String)>,
+}
+
+/// A local S3 stand-in (moto) for a broker whose data survives restarts.
+pub struct S3 {
+    child: Child,
+    /// `http://127.0.0.1:port`.
+    pub endpoint: String,
+}
+
+impl S3 {
+    /// Starts moto (installing `moto[server]` with pip if it is missing)
+    /// and creates `bucket`.
+    pub fn start(bucket: &str) -> S3 {
+        let have = Command::new("python3")
+            .args(["-c", "import moto.server"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !have {
+            let ok = Command::new("python3")
+                .args(["-m", "pip", "install", "-q", "moto[server]"])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "pip install moto[server] failed");
+        }
+        let port = free_port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn moto");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let endpoint = format!("http://127.0.0.1:{port}");
+        // Create the bucket: a bare HTTP PUT.
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("moto");
+        use std::io::{Read, Write};
+        write!(
+            stream,
+            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .expect("create bucket");
+        let mut reply = String::new();
+        let _ = stream.read_to_string(&mut reply);
+        assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
+        S3 { child, endpoint }
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn tansu_binary() -> PathBuf {
@@ -48,19 +116,41 @@ pub fn free_port() -> u16 {
 }
 
 impl Broker {
-    /// Starts a broker and waits until it accepts connections.
+    /// Starts a broker with in-memory storage and waits until it accepts
+    /// connections.
     pub fn start() -> Broker {
-        let port = free_port();
+        Broker::spawn(free_port(), None)
+    }
+
+    /// Starts a broker storing in `bucket` of `s3`: its topics survive
+    /// [`Broker::kill9`] and [`Broker::restart`]. (Tansu's S3 storage
+    /// reports wrong high watermarks: wait for views, not `FLUSH`.)
+    pub fn start_s3(s3: &S3, bucket: &str) -> Broker {
+        Broker::spawn(free_port(), Some((s3.endpoint.clone(), bucket.to_string())))
+    }
+
+    fn spawn(port: u16, s3: Option<(String, String)>) -> Broker {
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_binary())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/", "--silent"])
+        let mut cmd = Command::new(tansu_binary());
+        cmd.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ]);
+        match &s3 {
+            None => cmd.args(["--storage-engine", "memory://tansu/"]),
+            Some((endpoint, bucket)) => cmd
+                .args(["--storage-engine", &format!("s3://{bucket}/")])
+                .env("AWS_ENDPOINT", endpoint)
+                .env("AWS_ALLOW_HTTP", "true")
+                .env("AWS_ACCESS_KEY_ID", "x")
+                .env("AWS_SECRET_ACCESS_KEY", "x")
+                .env("AWS_REGION", "us-east-1"),
+        };
+        let child = cmd
+            .arg("--silent")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -70,7 +160,20 @@ impl Broker {
             assert!(Instant::now() < deadline, "tansu did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Broker { child, port }
+        Broker { child, port, s3 }
+    }
+
+    /// SIGKILL the broker.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port (and storage).
+    pub fn restart(&mut self) {
+        self.kill9();
+        let fresh = Broker::spawn(self.port, self.s3.clone());
+        *self = fresh;
     }
 
     /// `host:port` for BROKERS.
@@ -88,6 +191,98 @@ impl Broker {
             .status()
             .expect("tansu topic create");
         assert!(status.success(), "creating topic {name}");
+    }
+
+    /// Deletes a topic.
+    pub fn delete_topic(&self, name: &str) {
+        let status = Command::new(tansu_binary())
+            .args(["topic", "delete", "--broker"])
+            .arg(format!("tcp://127.0.0.1:{}", self.port))
+            .arg(name)
+            .stdout(Stdio::null())
+            .status()
+            .expect("tansu topic delete");
+        assert!(status.success(), "deleting topic {name}");
+    }
+
+    /// Every record of `topic` (value, headers as `k=v`), waiting up to
+    /// 20 s for at least `want` of them.
+    pub fn read_topic(&self, topic: &str, want: usize) -> Vec<(Vec<u8>, Vec<String>)> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::{Headers, Message};
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.addr())
+            .set("group.id", "test-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let md = loop {
+            let md = c
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .expect("metadata");
+            if md
+                .topics()
+                .first()
+                .is_some_and(|t| !t.partitions().is_empty())
+            {
+                break md;
+            }
+            assert!(Instant::now() < deadline, "topic {topic} never appeared");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in md.topics()[0].partitions() {
+            tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
+                .expect("tpl");
+        }
+        c.assign(&tpl).expect("assign");
+        let mut out = Vec::new();
+        while Instant::now() < deadline && out.len() < want {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                format!(
+                                    "{}={}",
+                                    h.key,
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push((m.payload().unwrap_or_default().to_vec(), headers));
+            }
+        }
+        out
+    }
+
+    /// The offsets group `group` has committed for partitions
+    /// `0..partitions` of `topic` (-1 where none).
+    pub fn committed(&self, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.addr())
+            .set("group.id", group)
+            .create()
+            .expect("consumer");
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(topic, p);
+        }
+        let got = c
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed offsets");
+        (0..partitions)
+            .map(|p| {
+                got.find_partition(topic, p)
+                    .and_then(|e| e.offset().to_raw())
+                    .unwrap_or(-1)
+            })
+            .collect()
     }
 
     /// A producer that sends every record in its own request.
