@@ -68,6 +68,8 @@ pub struct Engine {
     pipelines: parking_lot::Mutex<Vec<Pipeline>>,
     /// The sources the epoch driver runs.
     pub driver: crate::epoch::Driver,
+    /// Running sinks: their outboxes are staged in every commit.
+    sinks: parking_lot::Mutex<Vec<SinkRun>>,
     change_feed: broadcast::Sender<Arc<TableChange>>,
 }
 
@@ -129,6 +131,7 @@ impl Engine {
             snapshot: Arc::new(RwLock::new(())),
             pipelines: parking_lot::Mutex::new(Vec::new()),
             driver: crate::epoch::Driver::default(),
+            sinks: parking_lot::Mutex::new(Vec::new()),
             change_feed,
         });
         let weak: std::sync::Weak<Engine> = Arc::downgrade(&engine);
@@ -178,6 +181,10 @@ impl Engine {
                 CatalogEntry::Source(def) => {
                     let source = engine.catalog.restore_source(def);
                     engine.driver.add(&engine, &source)?;
+                }
+                CatalogEntry::Sink(def) => {
+                    engine.catalog.restore_sink(def.clone());
+                    engine.start_sink(&def)?;
                 }
                 CatalogEntry::Table(_) | CatalogEntry::Connection(_) => {}
             }
@@ -314,11 +321,18 @@ impl Engine {
     }
 
     /// The commit path: maintains every materialized view the changes feed
-    /// (in the same batch), applies `batch` atomically and durably, then
-    /// publishes the changes to the change feed.
+    /// (in the same batch), stages every sink's messages into its outbox
+    /// (same batch), applies `batch` atomically and durably, then publishes
+    /// the changes to the change feed and wakes the sinks.
     pub async fn commit(&self, mut batch: WriteBatch, changes: Vec<TableChange>) -> Result<()> {
         let changes = self.propagate(&mut batch, changes)?;
+        let woken = self.stage_sinks(&mut batch, &changes)?;
         self.apply(batch).await?;
+        if !woken.is_empty() {
+            for s in self.sinks.lock().iter().filter(|s| woken.contains(&s.id)) {
+                s.writer.notify();
+            }
+        }
         for c in changes {
             if !c.changes.is_empty() {
                 // No subscribers is fine: nothing maintains this table yet.
@@ -326,6 +340,74 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Stages the outbox entries `changes` mean for every sink; returns
+    /// the sinks that got one.
+    fn stage_sinks(&self, batch: &mut WriteBatch, changes: &[TableChange]) -> Result<Vec<u32>> {
+        let mut sinks = self.sinks.lock();
+        let mut woken = Vec::new();
+        for s in sinks.iter_mut() {
+            let mut msgs = Vec::new();
+            for c in changes.iter().filter(|c| c.table_id == s.from_id) {
+                msgs.extend(crate::connector::sink::encode(
+                    &s.spec,
+                    &c.changes.data,
+                    &c.changes.weights,
+                )?);
+            }
+            if !msgs.is_empty() {
+                batch.put(
+                    crate::connector::sink::outbox_key(s.id, s.next_seq),
+                    crate::connector::sink::encode_entry(&msgs),
+                );
+                s.next_seq += 1;
+                woken.push(s.id);
+            }
+        }
+        Ok(woken)
+    }
+
+    /// Starts a sink's writer (its outbox is already in the store).
+    /// Callers hold the writer lock.
+    pub fn start_sink(&self, def: &crate::catalog::SinkDef) -> Result<()> {
+        let writer = crate::connector::sink::SinkWriter::start(
+            &def.name,
+            def.id,
+            &def.spec,
+            self.store.clone(),
+        )?;
+        let next_seq = crate::connector::sink::next_seq(&self.store, def.id)?;
+        self.sinks.lock().push(SinkRun {
+            id: def.id,
+            from_id: def.from_id,
+            spec: def.spec.clone(),
+            next_seq,
+            writer,
+        });
+        Ok(())
+    }
+
+    /// Stops the sinks with these ids.
+    pub fn stop_sinks(&self, ids: &[u32]) {
+        let stopped: Vec<SinkRun> = {
+            let mut sinks = self.sinks.lock();
+            let (gone, kept) = std::mem::take(&mut *sinks)
+                .into_iter()
+                .partition(|s| ids.contains(&s.id));
+            *sinks = kept;
+            gone
+        };
+        drop(stopped);
+    }
+
+    /// (id, state, messages sent) of the running sinks.
+    pub fn sink_status(&self) -> Vec<(u32, crate::connector::sink::SinkStatus)> {
+        self.sinks
+            .lock()
+            .iter()
+            .map(|s| (s.id, s.writer.status()))
+            .collect()
     }
 
     /// Subscribes to the change batches of every committed write.
@@ -341,6 +423,16 @@ impl Drop for Engine {
             rt.shutdown_background();
         }
     }
+}
+
+/// A running sink: what `commit` needs to stage its outbox.
+struct SinkRun {
+    id: u32,
+    from_id: u32,
+    spec: crate::connector::sink::SinkSpec,
+    /// Sequence number of its next outbox entry.
+    next_seq: u64,
+    writer: crate::connector::sink::SinkWriter,
 }
 
 /// A task handle that aborts the task when dropped (e.g. when the client

@@ -122,6 +122,8 @@ pub struct SourceRun {
     pub errors: u64,
     /// Lifecycle.
     pub state: SourceState,
+    /// A Kafka reader had more chunks than one epoch takes.
+    more: bool,
 }
 
 /// One source's contribution to an epoch.
@@ -195,6 +197,7 @@ impl SourceRun {
             offset,
             errors,
             state: SourceState::Running,
+            more: false,
         };
         run.check_finished();
         Ok(run)
@@ -211,6 +214,7 @@ impl SourceRun {
     fn fail(&mut self, e: &Error) {
         tracing::error!(source = %self.name, "source stopped: {e}");
         self.state = SourceState::Failed(e.to_string());
+        self.more = false;
         if let Feed::Kafka { reader, .. } = &mut self.feed {
             // Stops its thread; a restart resumes from the committed
             // positions.
@@ -256,7 +260,8 @@ impl SourceRun {
                 positions,
                 table,
             } => {
-                let chunks = reader.take(MAX_EPOCH_ROWS as usize);
+                let (chunks, more) = reader.take(MAX_EPOCH_ROWS as usize);
+                self.more = more;
                 let Some(first) = chunks.first() else {
                     return Ok(None);
                 };
@@ -667,8 +672,9 @@ fn run(weak: Weak<Engine>, interval: Duration) {
             }
             *pending = false;
         }
+        // Behind (a source has more than one epoch's worth): go at once.
         let since = last.elapsed();
-        if since < MIN_EPOCH_GAP {
+        if !behind && since < MIN_EPOCH_GAP {
             std::thread::sleep(MIN_EPOCH_GAP - since);
         }
         last = Instant::now();
@@ -705,7 +711,8 @@ fn epoch(engine: &Engine) -> Result<bool> {
     }
     let full = work
         .iter()
-        .any(|w| w.rows.num_rows() as u64 >= MAX_EPOCH_ROWS);
+        .any(|w| w.rows.num_rows() as u64 >= MAX_EPOCH_ROWS)
+        || runs.iter().any(|r| r.more);
     match commit(engine, &runs, &work) {
         Ok(()) => {
             for w in work {

@@ -63,20 +63,34 @@ async fn check_views(c: &Client, when: &str) {
     }
 }
 
-/// Polls until `sql` returns `want` (a single row), or panics after 30 s.
-async fn wait_for(c: &Client, sql: &str, want: &str) {
+/// Polls `sql` until `done` holds for its rows, or panics after 30 s.
+async fn poll_until(c: &Client, sql: &str, done: impl Fn(&[String]) -> bool) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let got = rows(c, sql).await;
-        if got.len() == 1 && got[0] == want {
-            return;
+        if done(&got) {
+            return got;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{sql}: wanted {want}, have {got:?}"
-        );
+        assert!(Instant::now() < deadline, "{sql}: still {got:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Polls until `sql` returns `want` (a single row), or panics after 30 s.
+async fn wait_for(c: &Client, sql: &str, want: &str) {
+    poll_until(c, sql, |got| got.len() == 1 && got[0] == want).await;
+}
+
+/// Polls until source `name`'s `SHOW SOURCES` row contains `part`.
+async fn wait_source(c: &Client, name: &str, part: &str) -> String {
+    let prefix = format!("{name}|");
+    let got = poll_until(c, "SHOW SOURCES", |r| {
+        r.iter().any(|l| l.starts_with(&prefix) && l.contains(part))
+    })
+    .await;
+    got.into_iter()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,8 +101,8 @@ async fn json_source_views_equal_the_topic_and_bad_records_are_kept() {
     let values: Vec<String> = (0..2000).map(bid).collect();
     p.send_all("bids", 4, &values);
     // Bad records, all on partition 1: broken JSON, a wrong type, two
-    // objects, a tombstone, a huge value (over the 16 MiB default? no: a
-    // NOT NULL violation instead, cheaper).
+    // objects, a tombstone, a NOT NULL column missing, a value over the
+    // source's MAX RECORD BYTES.
     p.send("bids", 1, None, Some(b"{\"auction\": 1, "), &[]);
     p.send(
         "bids",
@@ -106,6 +120,9 @@ async fn json_source_views_equal_the_topic_and_bad_records_are_kept() {
     );
     p.send("bids", 1, Some(b"k"), None, &[]);
     p.send("bids", 1, None, Some(br#"{"bidder": 5}"#), &[]);
+    // Over the source's MAX RECORD BYTES (valid JSON otherwise).
+    let huge = format!(r#"{{"auction": 1, "extra": "{}"}}"#, "x".repeat(900_000));
+    p.send("bids", 1, None, Some(huge.as_bytes()), &[]);
 
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
@@ -115,7 +132,8 @@ async fn json_source_views_equal_the_topic_and_bad_records_are_kept() {
         &c,
         &format!(
             "CREATE SOURCE bids (auction BIGINT NOT NULL, bidder BIGINT, price BIGINT, date_time TIMESTAMP)
-             FROM KAFKA (BROKERS '{}', TOPIC 'bids', START OFFSET 'earliest')
+             FROM KAFKA (BROKERS '{}', TOPIC 'bids', START OFFSET 'earliest',
+                         MAX RECORD BYTES 500000)
              FORMAT JSON ON ERROR DEAD LETTER TOPIC 'bids-dlq';",
             broker.addr()
         ),
@@ -155,6 +173,7 @@ async fn json_source_views_equal_the_topic_and_bad_records_are_kept() {
             "bids|bids|1|502|28",
             "bids|bids|1|503|0",
             "bids|bids|1|504|13",
+            "bids|bids|1|505|900027",
         ],
     );
     let msg = one(
@@ -165,23 +184,26 @@ async fn json_source_views_equal_the_topic_and_bad_records_are_kept() {
     assert!(msg.contains("tombstone"), "{msg}");
     let status = one(&c, "SHOW SOURCES").await;
     assert!(
-        status.starts_with("bids|kafka topic 'bids' (json)|3005|running|5"),
+        status.starts_with("bids|kafka topic 'bids' (json)|3006|running|6"),
         "{status}"
     );
     // The committed offsets reach the consumer group, for lag tools.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let committed = broker.committed("sluice-bids", "bids", 4);
-        if committed.iter().sum::<i64>() == 3005 {
+        if committed.iter().sum::<i64>() == 3006 {
             break;
         }
         assert!(Instant::now() < deadline, "group offsets {committed:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The dead letter topic has the whole records, with why.
-    let mut dlq = broker.read_topic("bids-dlq", 5);
+    let mut dlq = broker.read_topic("bids-dlq", 6);
+    dlq.sort_by_key(|(v, _)| v.len());
+    assert_eq!(dlq.len(), 6, "{} records", dlq.len());
+    assert_eq!(dlq[5].0.len(), 900_027);
+    dlq.truncate(5);
     dlq.sort();
-    assert_eq!(dlq.len(), 5, "{dlq:?}");
     assert_eq!(dlq[4].0, br#"{"bidder": 5}"#.to_vec());
     assert!(
         dlq[4].1.contains(&"sluice.offset=504".to_string())
@@ -194,7 +216,7 @@ async fn json_source_views_equal_the_topic_and_bad_records_are_kept() {
     wait_for(
         &c,
         "SELECT count(*), sum(\"offset\"), sum(lag), sum(errors) FROM sluice_source_partitions WHERE source = 'bids'",
-        "4|3005|0|5",
+        "4|3006|0|6",
     )
     .await;
 }
@@ -211,6 +233,8 @@ async fn formats_metadata_patterns_and_connections() {
     p.send("csv", 0, None, Some(b"2;two;extra"), &[]);
     p.send("csv", 0, None, Some(b"x;three"), &[]);
     p.send("csv", 0, None, Some(b"4;four\n"), &[]);
+    // A repeated header line: skipped with HEADER.
+    p.send("csv", 0, None, Some(b"n;word"), &[]);
     p.send(
         "ev-a",
         0,
@@ -230,7 +254,7 @@ async fn formats_metadata_patterns_and_connections() {
         &format!(
             "CREATE CONNECTION k TO KAFKA (BROKERS '{}', 'client.id' 'sluice-test');
              CREATE SOURCE nums (n INT, word TEXT)
-               FROM KAFKA (CONNECTION k, TOPIC 'csv') FORMAT CSV (DELIMITER ';')
+               FROM KAFKA (CONNECTION k, TOPIC 'csv') FORMAT CSV (DELIMITER ';', HEADER true)
                INCLUDE OFFSET AS off;
              CREATE SOURCE ev FROM KAFKA (CONNECTION k, TOPIC PATTERN 'ev-.*')
                FORMAT TEXT INCLUDE KEY, PARTITION, TIMESTAMP AS ts, HEADERS;
@@ -317,16 +341,8 @@ async fn bad_configuration_is_a_clear_error_and_creates_nothing() {
                   CREATE MATERIALIZED VIEW v AS SELECT count(*) AS n FROM s", broker.addr()),
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = one(&c, "SHOW SOURCES").await;
-        if s.contains("|failed: ") {
-            assert!(s.contains("t/0@1"), "{s}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "{s}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let s = wait_source(&c, "s", "|failed: ").await;
+    assert!(s.contains("t/0@1"), "{s}");
     assert_eq!(one(&c, "SELECT n FROM v").await, "0");
 }
 
@@ -345,7 +361,7 @@ async fn kill_9_mid_ingest_loses_nothing_and_counts_nothing_twice() {
         &c,
         &format!(
             "CREATE SOURCE bids (auction BIGINT, bidder BIGINT, price BIGINT, date_time TIMESTAMP)
-             FROM KAFKA (BROKERS '{}', TOPIC 'bids') FORMAT JSON",
+             FROM KAFKA (BROKERS '{}', TOPIC 'bids', GROUP ID 'lag-tools') FORMAT JSON",
             broker.addr()
         ),
     )
@@ -387,6 +403,14 @@ async fn kill_9_mid_ingest_loses_nothing_and_counts_nothing_twice() {
         one(&c, "SELECT count(*) FROM sluice_source_errors").await,
         "0"
     );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while broker.committed("lag-tools", "bids", 4).iter().sum::<i64>() != 21000 {
+        assert!(
+            Instant::now() < deadline,
+            "GROUP ID offsets never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 type Model = std::collections::BTreeMap<String, (i64, i64)>;
@@ -560,15 +584,7 @@ async fn broker_outage_shows_in_sql_and_loses_nothing() {
 
     broker.kill9();
     // The outage is visible, and nothing else breaks.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = one(&c, "SHOW SOURCES").await;
-        if s.contains("|retrying: ") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no retrying state: {s}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_source(&c, "bids", "|retrying: ").await;
     assert_eq!(one(&c, "SELECT n FROM totals").await, "40");
 
     broker.restart();
@@ -578,15 +594,7 @@ async fn broker_outage_shows_in_sql_and_loses_nothing() {
     }
     wait_for(&c, "SELECT n, s FROM totals", &format!("80|{}", sum(80))).await;
     // And the state is back to running.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = one(&c, "SHOW SOURCES").await;
-        if s.contains("|running|") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still not running: {s}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_source(&c, "bids", "|running|").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -665,4 +673,106 @@ async fn avro_records_decode_and_truncated_ones_are_kept_as_errors() {
     assert!(status[0].ends_with("|51|running|1"), "{status:?}");
     let e = one(&c, "SELECT \"offset\", error FROM sluice_source_errors").await;
     assert!(e.starts_with("50|invalid Avro"), "{e}");
+}
+
+/// The round trip's outputs equal its inputs.
+async fn round_trip_equal(c: &Client) {
+    wait_equal(c, "SELECT * FROM back_mv", "SELECT * FROM big_bids").await;
+    wait_equal(c, "SELECT id, body FROM notes_back", "SELECT * FROM notes").await;
+}
+
+/// Polls until `a` and `b` return the same rows (and `a` some), or panics
+/// after 60 s.
+async fn wait_equal(c: &Client, a: &str, b: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (x, y) = (rows(c, a).await, rows(c, b).await);
+        if x == y && !x.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{a} and {b} still differ:\n{x:?}\n{y:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upsert_sink_round_trips_through_kafka_across_kill_9() {
+    let broker = Broker::start();
+    broker.create_topic("bids", 2);
+    let p = broker.producer();
+    p.send_all("bids", 2, &(0..500).map(bid).collect::<Vec<_>>());
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    let c = server.connect().await;
+    exec(
+        &c,
+        &format!(
+            "CREATE SOURCE bids (auction BIGINT, bidder BIGINT, price BIGINT, date_time TIMESTAMP)
+               FROM KAFKA (BROKERS '{0}', TOPIC 'bids') FORMAT JSON;
+             CREATE MATERIALIZED VIEW big_bids AS
+               SELECT auction, count(*) AS n, max(price) AS top, max(date_time) AS last
+               FROM bids WHERE price > 100 GROUP BY auction;
+             CREATE TABLE notes (id INT PRIMARY KEY, body TEXT);
+             INSERT INTO notes VALUES (1, 'one'), (2, 'two');",
+            broker.addr()
+        ),
+    )
+    .await;
+    // APPEND is refused for an input that can delete rows.
+    let e = err(
+        &c,
+        &format!(
+            "CREATE SINK bad FROM big_bids INTO KAFKA (BROKERS '{}', TOPIC 'x') FORMAT JSON ENVELOPE APPEND",
+            broker.addr()
+        ),
+    )
+    .await;
+    assert!(e.starts_with("0A000"), "{e}");
+    // The exact form from the issue, then a source reading it back.
+    exec(
+        &c,
+        &format!(
+            "CREATE SINK big_bids_out FROM big_bids
+               INTO KAFKA (BROKERS '{0}', TOPIC 'big_bids')
+               FORMAT JSON ENVELOPE UPSERT KEY (auction);
+             CREATE SINK notes_cdc FROM notes
+               INTO KAFKA (BROKERS '{0}', TOPIC 'notes', PARTITIONS 2)
+               FORMAT JSON ENVELOPE DEBEZIUM KEY (id);
+             CREATE SOURCE back (auction BIGINT, n BIGINT, top BIGINT, last TIMESTAMP)
+               FROM KAFKA (BROKERS '{0}', TOPIC 'big_bids') FORMAT JSON ENVELOPE UPSERT;
+             CREATE SOURCE notes_back (id INT, body TEXT)
+               FROM KAFKA (BROKERS '{0}', TOPIC 'notes') FORMAT JSON ENVELOPE DEBEZIUM;
+             CREATE MATERIALIZED VIEW back_mv AS SELECT auction, n, top, last FROM back;",
+            broker.addr()
+        ),
+    )
+    .await;
+    round_trip_equal(&c).await;
+    // Changes flow too: more bids, updates and deletes of table rows.
+    p.send_all("bids", 2, &(500..1000).map(bid).collect::<Vec<_>>());
+    exec(
+        &c,
+        "UPDATE notes SET body = 'uno' WHERE id = 1; DELETE FROM notes WHERE id = 2;
+         INSERT INTO notes VALUES (3, 'three');",
+    )
+    .await;
+    round_trip_equal(&c).await;
+    let sinks = rows(&c, "SHOW SINKS").await;
+    assert!(sinks.iter().all(|s| s.contains("|running|")), "{sinks:?}");
+    drop(c);
+    server.restart_kill9();
+    let c = server.connect().await;
+    p.send_all("bids", 2, &(1000..1500).map(bid).collect::<Vec<_>>());
+    exec(&c, "DELETE FROM notes WHERE id = 1").await;
+    round_trip_equal(&c).await;
+    // Dropping the view needs CASCADE: the sink depends on it.
+    assert!(err(&c, "DROP MATERIALIZED VIEW big_bids")
+        .await
+        .starts_with("2BP01"));
+    exec(&c, "DROP SINK big_bids_out").await;
+    exec(&c, "DROP MATERIALIZED VIEW big_bids").await;
 }

@@ -189,7 +189,11 @@ impl SourceDef {
                     k.include.clone(),
                     &self.json_columns(),
                 )?
-                .with_envelope(k.envelope)?,
+                .with_envelope(k.envelope)?
+                .with_max_record_bytes(
+                    k.max_record_bytes
+                        .unwrap_or(crate::connector::format::DEFAULT_MAX_RECORD_BYTES),
+                ),
             )),
             SourceConnector::Generator(_) => Ok(None),
         }
@@ -210,6 +214,23 @@ pub struct ConnectionDef {
     pub properties: Vec<(String, String)>,
 }
 
+/// A sink: a relation's changes written to a Kafka topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SinkDef {
+    /// Object id.
+    pub id: u32,
+    /// Sink name (shares the namespace of relations).
+    pub name: String,
+    /// The relation it reads.
+    pub from: String,
+    /// That relation's id.
+    pub from_id: u32,
+    /// The relation's columns (the message fields).
+    pub columns: Vec<ColumnDef>,
+    /// Where and how.
+    pub spec: crate::connector::sink::SinkSpec,
+}
+
 /// What the catalog persists per object.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -224,6 +245,8 @@ pub enum CatalogEntry {
     Source(SourceDef),
     /// A connection.
     Connection(ConnectionDef),
+    /// A sink.
+    Sink(SinkDef),
 }
 
 impl CatalogEntry {
@@ -231,6 +254,7 @@ impl CatalogEntry {
         match self {
             CatalogEntry::Source(s) => s.id,
             CatalogEntry::Connection(c) => c.id,
+            CatalogEntry::Sink(s) => s.id,
             CatalogEntry::Table(t) => t.id,
             CatalogEntry::View(v) => v.id,
             CatalogEntry::MaterializedView(m) => m.id,
@@ -425,6 +449,7 @@ struct State {
     mvs: BTreeMap<String, Arc<MaterializedView>>,
     sources: BTreeMap<String, Arc<Source>>,
     connections: BTreeMap<String, ConnectionDef>,
+    sinks: BTreeMap<String, SinkDef>,
     next_id: u32,
 }
 
@@ -557,7 +582,12 @@ impl Catalog {
             .values()
             .filter(|m| m.def.depends_on.iter().any(|d| d == name))
             .map(|m| m.def.name.clone());
-        views.chain(mvs).collect()
+        let sinks = s
+            .sinks
+            .values()
+            .filter(|k| k.from == name)
+            .map(|k| k.name.clone());
+        views.chain(mvs).chain(sinks).collect()
     }
 
     fn allocate_id(state: &mut State, batch: &mut WriteBatch) -> u32 {
@@ -575,6 +605,7 @@ impl Catalog {
             || state.views.contains_key(name)
             || state.mvs.contains_key(name)
             || state.sources.contains_key(name)
+            || state.sinks.contains_key(name)
         {
             return Err(Error::DuplicateObject(name.to_string()));
         }
@@ -661,6 +692,39 @@ impl Catalog {
         Ok(source)
     }
 
+    /// A sink by name.
+    pub fn sink(&self, name: &str) -> Option<SinkDef> {
+        self.state.read().sinks.get(name).cloned()
+    }
+
+    /// All sinks, by name.
+    pub fn sinks(&self) -> Vec<SinkDef> {
+        self.state.read().sinks.values().cloned().collect()
+    }
+
+    /// Creates a sink; `def.id` is assigned here and `stage` adds to the
+    /// same atomic batch (the snapshot into its outbox).
+    pub fn create_sink(
+        &self,
+        mut def: SinkDef,
+        stage: impl FnOnce(u32, &mut WriteBatch) -> Result<()>,
+    ) -> Result<SinkDef> {
+        let mut state = self.state.write();
+        Self::ensure_free(&state, &def.name)?;
+        let mut batch = WriteBatch::default();
+        def.id = Self::allocate_id(&mut state, &mut batch);
+        put_entry(&mut batch, &CatalogEntry::Sink(def.clone()))?;
+        stage(def.id, &mut batch)?;
+        self.store.write(batch)?;
+        state.sinks.insert(def.name.clone(), def.clone());
+        Ok(def)
+    }
+
+    /// Re-registers a sink loaded at startup.
+    pub fn restore_sink(&self, def: SinkDef) {
+        self.state.write().sinks.insert(def.name.clone(), def);
+    }
+
     /// A connection by name.
     pub fn connection(&self, name: &str) -> Option<ConnectionDef> {
         self.state.read().connections.get(name).cloned()
@@ -735,6 +799,10 @@ impl Catalog {
                 // A keyed source's rows.
                 let prefix = table_prefix(src.def.id);
                 batch.delete_range(prefix.to_vec(), prefix_end(&prefix));
+            } else if let Some(k) = state.sinks.get(name) {
+                batch.delete(sys_key(SYS_CATALOG, &k.id.to_be_bytes()));
+                let outbox = crate::connector::sink::outbox_prefix(k.id);
+                batch.delete_range(outbox.clone(), prefix_end(&outbox));
             } else if let Some(v) = state.views.get(name) {
                 batch.delete(sys_key(SYS_CATALOG, &v.def.id.to_be_bytes()));
             } else if let Some(m) = state.mvs.get(name) {
@@ -753,6 +821,7 @@ impl Catalog {
             state.views.remove(name);
             state.mvs.remove(name);
             state.sources.remove(name);
+            state.sinks.remove(name);
         }
         Ok(())
     }

@@ -41,6 +41,10 @@ pub enum Format {
     Csv {
         /// Field delimiter.
         delimiter: u8,
+        /// A record that is the header line (the column names) is skipped,
+        /// so producers may repeat it (e.g. at the start of every file).
+        #[serde(default)]
+        header: bool,
     },
     /// The value as UTF-8 text, one column.
     Text,
@@ -60,7 +64,12 @@ impl std::fmt::Display for Format {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Format::Json => f.write_str("json"),
-            Format::Csv { delimiter } => write!(f, "csv (delimiter '{}')", *delimiter as char),
+            Format::Csv { delimiter, header } => write!(
+                f,
+                "csv (delimiter '{}'{})",
+                *delimiter as char,
+                if *header { ", header" } else { "" }
+            ),
             Format::Text => f.write_str("text"),
             Format::Bytes => f.write_str("bytes"),
             Format::Avro {
@@ -342,7 +351,13 @@ impl RecordDecoder {
         // (record index, its value to decode); deletes have no value.
         let mut good: Vec<(usize, RecordRef<'_>)> = Vec::with_capacity(records.len());
         let mut deletes: Vec<usize> = Vec::new();
+        let header = self.csv_header();
         for (i, r) in records.iter().enumerate() {
+            if let (Some(h), Some(p)) = (&header, r.payload) {
+                if trim_line(p) == h.as_bytes() {
+                    continue;
+                }
+            }
             if keyed && r.key.is_none() {
                 bad.push(BadRecord::new(
                     r,
@@ -440,6 +455,23 @@ impl RecordDecoder {
         Ok(Decoded { batch, bad, ops })
     }
 
+    /// `CSV (HEADER)`: the header line to skip.
+    fn csv_header(&self) -> Option<String> {
+        match self.format {
+            Format::Csv {
+                delimiter,
+                header: true,
+            } => Some(
+                self.schema.fields()[..self.value_columns]
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(&(delimiter as char).to_string()),
+            ),
+            _ => None,
+        }
+    }
+
     fn value_schema(&self) -> SchemaRef {
         Arc::new(Schema::new(
             self.schema.fields()[..self.value_columns].to_vec(),
@@ -513,15 +545,14 @@ impl RecordDecoder {
                     })
                     .collect::<Result<Vec<_>>>()?
             }
-            Format::Csv { delimiter } => {
+            Format::Csv { delimiter, .. } => {
                 let mut d = datafusion::arrow::csv::ReaderBuilder::new(self.decoded_schema.clone())
                     .with_header(false)
                     .with_delimiter(*delimiter)
                     .with_batch_size(n.max(1))
                     .build_decoder();
                 for p in payloads {
-                    let p = p.strip_suffix(b"\n").unwrap_or(p);
-                    let p = p.strip_suffix(b"\r").unwrap_or(p);
+                    let p = trim_line(p);
                     if p.contains(&b'\n') {
                         return Err(Error::Decode("a CSV record holds one line".into()));
                     }
@@ -653,6 +684,12 @@ fn debezium_op(payload: Option<&[u8]>) -> std::result::Result<DebeziumOp, String
         Some(_) => Ok(DebeziumOp::Other),
         None => Err("Debezium event without \"op\"".into()),
     }
+}
+
+/// A CSV record without its line ending.
+fn trim_line(p: &[u8]) -> &[u8] {
+    let p = p.strip_suffix(b"\n").unwrap_or(p);
+    p.strip_suffix(b"\r").unwrap_or(p)
 }
 
 /// A decoding failure as the error table shows it: arrow's text without
@@ -835,9 +872,14 @@ mod tests {
     #[test]
     fn csv_text_bytes_and_metadata() {
         let s = schema(vec![("a", DataType::Int32), ("b", DataType::Utf8)]);
-        let d = RecordDecoder::new(Format::Csv { delimiter: b';' }, s, 2, vec![], &[]).unwrap();
+        let csv = Format::Csv {
+            delimiter: b';',
+            header: true,
+        };
+        let d = RecordDecoder::new(csv, s, 2, vec![], &[]).unwrap();
         let Decoded { batch, bad, .. } = d
             .decode(&[
+                rec(9, b"a;b\r\n"),
                 rec(0, b"1;x\n"),
                 rec(1, b"2"),
                 rec(2, b"3;y;z"),

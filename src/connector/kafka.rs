@@ -51,8 +51,12 @@ pub type Positions = BTreeMap<(String, i32), i64>;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most records per decoded chunk.
 const CHUNK_RECORDS: usize = 8192;
-/// Chunks buffered between the reader and the epoch driver.
-const CHANNEL_CHUNKS: usize = 4;
+/// Chunks buffered between the reader and the epoch driver (at most
+/// `CHANNEL_CHUNKS × CHUNK_RECORDS` records).
+const CHANNEL_CHUNKS: usize = 16;
+/// How long the reader waits to fill a chunk once it has records: big
+/// chunks at high rates, a few milliseconds of latency at low ones.
+const CHUNK_WAIT: Duration = Duration::from_millis(5);
 /// How often the reader refreshes partitions and watermarks.
 const REFRESH: Duration = Duration::from_secs(2);
 
@@ -119,6 +123,9 @@ pub struct KafkaSpec {
     /// How records map to changes.
     #[serde(default)]
     pub envelope: Envelope,
+    /// Records with larger values go to the error table (default 16 MiB).
+    #[serde(default)]
+    pub max_record_bytes: Option<usize>,
     /// Start offsets resolved at creation; partitions found later start at
     /// their beginning.
     pub starts: Vec<(String, i32, i64)>,
@@ -591,8 +598,9 @@ impl KafkaReader {
         })
     }
 
-    /// The chunks read so far, at most about `max_rows` rows.
-    pub fn take(&self, max_rows: usize) -> Vec<Chunk> {
+    /// The chunks read so far, at most about `max_rows` rows, and whether
+    /// more are waiting.
+    pub fn take(&self, max_rows: usize) -> (Vec<Chunk>, bool) {
         let mut out = Vec::new();
         let mut rows = 0;
         while rows < max_rows {
@@ -601,10 +609,10 @@ impl KafkaReader {
                     rows += c.batch.num_rows().max(1);
                     out.push(c);
                 }
-                Err(_) => break,
+                Err(_) => return (out, false),
             }
         }
-        out
+        (out, true)
     }
 
     /// Asks the reader to commit `positions` to the consumer group.
@@ -741,9 +749,11 @@ fn read_loop(
         }
         let mut msgs = Vec::new();
         let mut timeout = Duration::from_millis(100);
+        let mut first: Option<Instant> = None;
         while msgs.len() < CHUNK_RECORDS {
             match consumer.poll(timeout) {
-                None => break,
+                None if first.is_none_or(|t| t.elapsed() >= CHUNK_WAIT) => break,
+                None => {}
                 Some(Ok(m)) => msgs.push(m),
                 Some(Err(e)) => {
                     tracing::warn!("Kafka: {e}");
@@ -751,7 +761,8 @@ fn read_loop(
                     break;
                 }
             }
-            timeout = Duration::ZERO;
+            let started = *first.get_or_insert_with(Instant::now);
+            timeout = CHUNK_WAIT.saturating_sub(started.elapsed());
         }
         if msgs.is_empty() {
             continue;
@@ -911,6 +922,7 @@ mod tests {
             on_error: OnError::Skip,
             dead_letter: None,
             envelope: Envelope::None,
+            max_record_bytes: None,
             starts: vec![],
         }
     }
@@ -974,6 +986,19 @@ mod tests {
         assert!(spec(&brokers, StartOffset::Offsets(vec![1]))
             .resolve("s")
             .is_err());
+        // The mock answers timestamp lookups with the end (as Tansu answers
+        // 0); what can be checked here is that the lookup resolves to
+        // offsets within the partitions.
+        let mut since = spec(&brokers, StartOffset::Timestamp(0));
+        since.resolve("s").unwrap();
+        for ((e, l), s) in earliest
+            .starts
+            .iter()
+            .zip(&latest.starts)
+            .zip(&since.starts)
+        {
+            assert!(e.2 <= s.2 && s.2 <= l.2, "{s:?}");
+        }
         let mut missing = spec(&brokers, StartOffset::Earliest);
         missing.topics = Topics::Name("nope".into());
         assert!(matches!(
@@ -989,6 +1014,28 @@ mod tests {
         // Partition 0 from offset 1 ("b" and a non-UTF-8 record, skipped),
         // partition 1 from 0 ("c").
         assert_eq!(rows, 2);
+    }
+
+    #[test]
+    fn librdkafka_properties_pass_through() {
+        let mut s = spec("127.0.0.1:1", StartOffset::Earliest);
+        s.properties = vec![
+            ("security.protocol".into(), "ssl".into()),
+            ("ssl.ca.location".into(), "/nonexistent/ca.pem".into()),
+        ];
+        // librdkafka itself checks them: SSL is built in, the CA is not there.
+        let e = s.consumer("s").err().expect("an error").to_string();
+        assert!(e.contains("ssl.ca.location") || e.contains("ca.pem"), "{e}");
+        s.properties = vec![("no.such.property".into(), "1".into())];
+        let e = s.consumer("s").err().expect("an error").to_string();
+        assert!(e.contains("no.such.property"), "{e}");
+        s.properties = vec![
+            ("security.protocol".into(), "sasl_plaintext".into()),
+            ("sasl.mechanism".into(), "PLAIN".into()),
+            ("sasl.username".into(), "u".into()),
+            ("sasl.password".into(), "p".into()),
+        ];
+        assert!(s.consumer("s").is_ok());
     }
 
     #[test]
@@ -1024,7 +1071,7 @@ mod tests {
         let mut bad = Vec::new();
         let mut positions = Positions::new();
         while (rows < 3 || bad.is_empty()) && Instant::now() < deadline {
-            for c in reader.take(1000) {
+            for c in reader.take(1000).0 {
                 rows += c.batch.num_rows();
                 bad.extend(c.bad);
                 positions.extend(c.positions);

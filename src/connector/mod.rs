@@ -18,6 +18,7 @@ pub mod avro;
 pub mod format;
 pub mod generator;
 pub mod kafka;
+pub mod sink;
 
 pub use format::{BadRecord, Envelope, Format, Meta, RecordDecoder};
 pub use generator::{GeneratorSpec, NexmarkTable};

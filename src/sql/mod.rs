@@ -16,6 +16,7 @@ pub mod drop;
 pub mod select;
 pub mod set;
 pub mod show;
+pub mod sink;
 pub mod source;
 pub mod transaction;
 

@@ -9,9 +9,9 @@
 //!     FROM KAFKA (BROKERS '…' | CONNECTION name,
 //!                 TOPIC '…' | TOPIC PATTERN 'regex'
 //!                 [, START OFFSET 'earliest' | 'latest' | (offset, …)]
-//!                 [, START TIMESTAMP ms] [, GROUP ID '…']
+//!                 [, START TIMESTAMP ms] [, GROUP ID '…'] [, MAX RECORD BYTES n]
 //!                 [, 'librdkafka.property' [=] 'value' …])
-//!     FORMAT JSON | CSV [(DELIMITER 'c')] | TEXT | BYTES
+//!     FORMAT JSON | CSV [(DELIMITER 'c', HEADER true)] | TEXT | BYTES
 //!          | AVRO (SCHEMA '…' | SCHEMA REGISTRY 'http://…')
 //!     [ENVELOPE NONE | UPSERT | DEBEZIUM]
 //!     [INCLUDE KEY | PARTITION | OFFSET | TIMESTAMP | HEADERS [AS name], …]
@@ -109,6 +109,17 @@ pub enum SourceStatementKind {
     },
     /// `SHOW CONNECTIONS`.
     ShowConnections,
+    /// `CREATE SINK`.
+    CreateSink(crate::sql::sink::CreateSink),
+    /// `DROP SINK`.
+    DropSink {
+        /// `IF EXISTS`.
+        if_exists: bool,
+        /// Name.
+        name: String,
+    },
+    /// `SHOW SINKS`.
+    ShowSinks,
     /// `DROP SOURCE`.
     Drop {
         /// `IF EXISTS`.
@@ -167,6 +178,9 @@ pub fn split(sql: &str) -> Result<Option<Vec<Piece>>> {
                 | ["CREATE", "CONNECTION"]
                 | ["DROP", "CONNECTION"]
                 | ["SHOW", "CONNECTIONS"]
+                | ["CREATE", "SINK"]
+                | ["DROP", "SINK"]
+                | ["SHOW", "SINKS"]
         );
         if is_ours {
             ours = true;
@@ -281,9 +295,25 @@ impl Cursor<'_> {
                 self.end()?;
                 return Ok(SourceStatementKind::ShowConnections);
             }
+            if self.keyword("SINKS") {
+                self.end()?;
+                return Ok(SourceStatementKind::ShowSinks);
+            }
             self.expect_keyword("SOURCES")?;
             self.end()?;
             return Ok(SourceStatementKind::Show);
+        }
+        if self.peek().map(upper_word).as_deref() == Some("DROP")
+            && self.tokens.get(1).map(|t| upper_word(t)).as_deref() == Some("SINK")
+        {
+            self.pos = 2;
+            let if_exists = self.keyword("IF") && {
+                self.expect_keyword("EXISTS")?;
+                true
+            };
+            let name = self.ident()?;
+            self.end()?;
+            return Ok(SourceStatementKind::DropSink { if_exists, name });
         }
         if self.keyword("DROP") && self.keyword("CONNECTION") {
             let if_exists = self.keyword("IF") && {
@@ -324,6 +354,9 @@ impl Cursor<'_> {
             });
         }
         self.expect_keyword("CREATE")?;
+        if self.keyword("SINK") {
+            return self.sink();
+        }
         let connection = self.keyword("CONNECTION");
         if !connection {
             self.expect_keyword("SOURCE")?;
@@ -403,6 +436,104 @@ impl Cursor<'_> {
         })
     }
 
+    /// `CREATE SINK [IF NOT EXISTS] name FROM relation INTO KAFKA (…)
+    /// [FORMAT JSON] [ENVELOPE APPEND | UPSERT | DEBEZIUM] [KEY (col, …)]`.
+    fn sink(&mut self) -> Result<SourceStatementKind> {
+        let if_not_exists = self.keyword("IF") && {
+            self.expect_keyword("NOT")?;
+            self.expect_keyword("EXISTS")?;
+            true
+        };
+        let name = self.ident()?;
+        self.expect_keyword("FROM")?;
+        if self.peek() == Some(&Token::LParen) || self.keyword("AS") {
+            return Err(Error::unsupported(
+                "CREATE SINK … AS SELECT is not supported yet; create a materialized view and sink it",
+            ));
+        }
+        let from = self.ident()?;
+        self.expect_keyword("INTO")?;
+        self.expect_keyword("KAFKA")?;
+        let (opts, properties) =
+            self.named_options(&["BROKERS", "CONNECTION", "TOPIC", "PARTITIONS"])?;
+        let get = |k: &str| opts.iter().find(|(n, _)| n == k).map(|(_, v)| v);
+        let topic = get("TOPIC")
+            .map(|v| v.text())
+            .ok_or_else(|| Error::Syntax("INTO KAFKA needs TOPIC".into()))?;
+        let (brokers, connection) = match (get("BROKERS"), get("CONNECTION")) {
+            (Some(b), None) => (b.text(), None),
+            (None, Some(c)) => (String::new(), Some(c.text().to_lowercase())),
+            _ => {
+                return Err(Error::Syntax(
+                    "INTO KAFKA needs exactly one of BROKERS or CONNECTION".into(),
+                ))
+            }
+        };
+        let partitions = match get("PARTITIONS") {
+            None => None,
+            Some(v) => match v.int("PARTITIONS")? {
+                n if (1..=100_000).contains(&n) => Some(n as i32),
+                n => {
+                    return Err(Error::data(
+                        DataErrorKind::InvalidParameterValue,
+                        format!("PARTITIONS must be between 1 and 100000, not {n}"),
+                    ))
+                }
+            },
+        };
+        let mut envelope = None;
+        let mut key = Vec::new();
+        while self.peek().is_some() {
+            if self.keyword("FORMAT") {
+                if !self.keyword("JSON") {
+                    return Err(Error::unsupported(format!(
+                        "sinks write FORMAT JSON only for now ({})",
+                        self.found()
+                    )));
+                }
+            } else if self.keyword("ENVELOPE") {
+                envelope = Some(if self.keyword("APPEND") {
+                    crate::connector::sink::SinkEnvelope::Append
+                } else if self.keyword("UPSERT") {
+                    crate::connector::sink::SinkEnvelope::Upsert
+                } else if self.keyword("DEBEZIUM") {
+                    crate::connector::sink::SinkEnvelope::Debezium
+                } else {
+                    return Err(self.error("APPEND, UPSERT or DEBEZIUM"));
+                });
+            } else if self.keyword("KEY") {
+                if !self.token(&Token::LParen) {
+                    return Err(self.error("\"(\""));
+                }
+                loop {
+                    key.push(self.ident()?);
+                    if !self.token(&Token::Comma) {
+                        break;
+                    }
+                }
+                if !self.token(&Token::RParen) {
+                    return Err(self.error("\")\""));
+                }
+            } else {
+                return Err(self.error("FORMAT, ENVELOPE, KEY or end of statement"));
+            }
+        }
+        Ok(SourceStatementKind::CreateSink(
+            crate::sql::sink::CreateSink {
+                name,
+                if_not_exists,
+                from,
+                brokers,
+                connection,
+                topic,
+                partitions,
+                properties,
+                envelope,
+                key,
+            },
+        ))
+    }
+
     /// `(col type …, …)`, parsed by sqlparser as a table's columns.
     fn column_list(&mut self, name: &str) -> Result<Vec<ColumnDef>> {
         let start = self.pos;
@@ -455,6 +586,7 @@ impl Cursor<'_> {
             "START OFFSET",
             "START TIMESTAMP",
             "GROUP ID",
+            "MAX RECORD BYTES",
         ])?;
         let get = |k: &str| opts.iter().find(|(n, _)| n == k).map(|(_, v)| v);
         let topics = match (get("TOPIC"), get("TOPIC PATTERN")) {
@@ -505,6 +637,18 @@ impl Cursor<'_> {
             },
         };
         let group_id = get("GROUP ID").map(|v| v.text());
+        let max_record_bytes = match get("MAX RECORD BYTES") {
+            None => None,
+            Some(v) => match v.int("MAX RECORD BYTES")? {
+                n if n > 0 => Some(n as usize),
+                n => {
+                    return Err(Error::data(
+                        DataErrorKind::InvalidParameterValue,
+                        format!("MAX RECORD BYTES must be positive, not {n}"),
+                    ))
+                }
+            },
+        };
 
         let mut format = None;
         let mut include: Vec<(Meta, String)> = Vec::new();
@@ -519,8 +663,21 @@ impl Cursor<'_> {
                 format = Some(if self.keyword("JSON") {
                     Format::Json
                 } else if self.keyword("CSV") {
-                    let o = self.options(&["DELIMITER"])?;
-                    let delimiter = match o.first() {
+                    let o = self.options(&["DELIMITER", "HEADER"])?;
+                    let header = match o.iter().find(|(k, _)| k == "HEADER") {
+                        None => false,
+                        Some((_, v)) => match v.to_ascii_lowercase().as_str() {
+                            "true" | "on" | "yes" => true,
+                            "false" | "off" | "no" => false,
+                            other => {
+                                return Err(Error::data(
+                                    DataErrorKind::InvalidParameterValue,
+                                    format!("HEADER must be true or false, not '{other}'"),
+                                ))
+                            }
+                        },
+                    };
+                    let delimiter = match o.iter().find(|(k, _)| k == "DELIMITER") {
                         None => b',',
                         Some((_, d)) if d.len() == 1 && d.is_ascii() => d.as_bytes()[0],
                         Some((_, d)) => {
@@ -530,7 +687,7 @@ impl Cursor<'_> {
                             ))
                         }
                     };
-                    Format::Csv { delimiter }
+                    Format::Csv { delimiter, header }
                 } else if self.keyword("TEXT") {
                     Format::Text
                 } else if self.keyword("BYTES") {
@@ -653,6 +810,7 @@ impl Cursor<'_> {
                 on_error: on_error.unwrap_or(OnError::Skip),
                 dead_letter,
                 envelope,
+                max_record_bytes,
                 starts: Vec::new(),
             },
         })
@@ -679,11 +837,15 @@ impl Cursor<'_> {
                     return Err(self.error(&format!("an option ({})", allowed.join(", "))));
                 }
                 self.pos += 1;
-                let next = upper_word(self.peek().unwrap_or(&Token::EOF));
-                let two = format!("{name} {next}");
-                if allowed.contains(&two.as_str()) {
+                // Names of up to three words (`MAX RECORD BYTES`).
+                for _ in 0..2 {
+                    let next = upper_word(self.peek().unwrap_or(&Token::EOF));
+                    let longer = format!("{name} {next}");
+                    if next.is_empty() || !allowed.iter().any(|a| a.starts_with(&longer)) {
+                        break;
+                    }
                     self.pos += 1;
-                    name = two;
+                    name = longer;
                 }
                 if !allowed.contains(&name.as_str()) {
                     return Err(Error::Syntax(format!(
@@ -944,6 +1106,11 @@ pub async fn execute(engine: &Engine, stmt: &SourceStatement) -> Result<Outcome>
             cascade,
         } => drop_sources(engine, *if_exists, names, *cascade).await,
         SourceStatementKind::Show => show(engine),
+        SourceStatementKind::CreateSink(c) => crate::sql::sink::create(engine, c).await,
+        SourceStatementKind::DropSink { if_exists, name } => {
+            crate::sql::sink::drop(engine, *if_exists, name).await
+        }
+        SourceStatementKind::ShowSinks => crate::sql::sink::show(engine),
     }
 }
 

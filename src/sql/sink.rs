@@ -1,0 +1,264 @@
+//! `CREATE SINK … INTO KAFKA`, `DROP SINK`, `SHOW SINKS` (parsed with the
+//! source statements in [`super::source`]).
+//!
+//! A sink is created under the writer lock: the relation's current rows
+//! (the snapshot) go into the sink's outbox in the same atomic write as its
+//! catalog entry, and the sink starts receiving changes from the next
+//! commit on — so nothing is missed and nothing is sent twice between the
+//! snapshot and the changes. See [`crate::connector::sink`] for the outbox.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray, UInt64Array};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+
+use crate::catalog::{Relation, SinkDef};
+use crate::connector::sink::{
+    encode, encode_entry, outbox_key, outbox_prefix, SinkEnvelope, SinkSpec,
+};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::query::StoredTable;
+use crate::sql::{Outcome, Rows};
+
+/// What `CREATE SINK` asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateSink {
+    /// Sink name.
+    pub name: String,
+    /// `IF NOT EXISTS`.
+    pub if_not_exists: bool,
+    /// The relation it reads.
+    pub from: String,
+    /// `BROKERS`, or empty with a connection.
+    pub brokers: String,
+    /// `CONNECTION`.
+    pub connection: Option<String>,
+    /// `TOPIC`.
+    pub topic: String,
+    /// `PARTITIONS` of a topic Sluice creates.
+    pub partitions: Option<i32>,
+    /// librdkafka properties.
+    pub properties: Vec<(String, String)>,
+    /// `ENVELOPE`, if given.
+    pub envelope: Option<SinkEnvelope>,
+    /// `KEY (…)` column names.
+    pub key: Vec<String>,
+}
+
+/// Runs `CREATE SINK`.
+pub async fn create(engine: &Engine, c: &CreateSink) -> Result<Outcome> {
+    let done = Outcome::Command {
+        tag: "CREATE SINK",
+        rows: None,
+    };
+    let _writer = engine.writer().await;
+    if engine.catalog.get(&c.name).is_some() || engine.catalog.sink(&c.name).is_some() {
+        if c.if_not_exists {
+            return Ok(done);
+        }
+        return Err(Error::DuplicateObject(c.name.clone()));
+    }
+    let (from_id, table, deletes) = match engine.catalog.get(&c.from) {
+        Some(Relation::Table(t)) => (t.def.id, t.clone(), true),
+        Some(Relation::MaterializedView(m)) => {
+            (m.def.id, m.table.clone(), !m.def.append_only)
+        }
+        Some(Relation::Source(s)) => match &s.table {
+            Some(t) => (s.def.id, t.clone(), true),
+            None => {
+                return Err(Error::unsupported(format!(
+                    "a sink reads a table, a materialized view or an UPSERT/DEBEZIUM source; for source \"{}\" create a materialized view over it first",
+                    c.from
+                )))
+            }
+        },
+        Some(Relation::View(_)) => {
+            return Err(Error::unsupported(format!(
+                "\"{}\" is a view; a sink reads a table or a materialized view",
+                c.from
+            )))
+        }
+        None => return Err(Error::UndefinedTable(c.from.clone())),
+    };
+    let columns = table.def.columns.clone();
+    let key = c
+        .key
+        .iter()
+        .map(|k| {
+            columns
+                .iter()
+                .position(|col| &col.name == k)
+                .ok_or_else(|| {
+                    Error::UndefinedColumn(format!(
+                        "column \"{k}\" of KEY does not exist in \"{}\"",
+                        c.from
+                    ))
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let envelope = match (c.envelope, key.is_empty(), deletes) {
+        (Some(e), _, _) => e,
+        (None, false, _) => SinkEnvelope::Upsert,
+        (None, true, false) => SinkEnvelope::Append,
+        (None, true, true) => {
+            return Err(Error::Syntax(format!(
+                "\"{}\" can delete rows: give ENVELOPE UPSERT KEY (…) or ENVELOPE DEBEZIUM KEY (…)",
+                c.from
+            )))
+        }
+    };
+    if envelope == SinkEnvelope::Append && deletes {
+        return Err(Error::unsupported(format!(
+            "ENVELOPE APPEND needs an insert-only input, and \"{}\" can delete rows; use ENVELOPE UPSERT KEY (…) or DEBEZIUM KEY (…)",
+            c.from
+        )));
+    }
+    if envelope != SinkEnvelope::Append && key.is_empty() {
+        return Err(Error::Syntax(
+            "ENVELOPE UPSERT and DEBEZIUM need KEY (columns)".into(),
+        ));
+    }
+    let (mut brokers, mut properties) = (c.brokers.clone(), Vec::new());
+    if let Some(conn) = &c.connection {
+        let def = engine.catalog.connection(conn).ok_or_else(|| {
+            Error::UndefinedObject(format!("connection \"{conn}\" does not exist"))
+        })?;
+        brokers = def.brokers;
+        properties = def.properties;
+    }
+    properties.extend(c.properties.iter().cloned());
+    let spec = SinkSpec {
+        brokers,
+        topic: c.topic.clone(),
+        properties,
+        connection: c.connection.clone(),
+        envelope,
+        key,
+        partitions: c.partitions,
+    };
+    // librdkafka blocks while it contacts the brokers.
+    let check = spec.clone();
+    tokio::task::spawn_blocking(move || check.prepare())
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+    // The snapshot: the relation's rows now, as insertions.
+    let mut msgs = Vec::new();
+    for b in StoredTable::new(table, engine.store.clone()).read(&[], None)? {
+        let ones = Int64Array::from(vec![1i64; b.num_rows()]);
+        msgs.extend(encode(&spec, &b, &ones)?);
+    }
+    let def = engine.catalog.create_sink(
+        SinkDef {
+            id: 0,
+            name: c.name.clone(),
+            from: c.from.clone(),
+            from_id,
+            columns,
+            spec,
+        },
+        |id, batch| {
+            if !msgs.is_empty() {
+                batch.put(outbox_key(id, 0), encode_entry(&msgs));
+            }
+            Ok(())
+        },
+    )?;
+    if let Err(e) = engine.start_sink(&def) {
+        let _ = engine
+            .catalog
+            .drop_relations(std::slice::from_ref(&def.name));
+        return Err(e);
+    }
+    Ok(done)
+}
+
+/// Runs `DROP SINK`.
+pub async fn drop(engine: &Engine, if_exists: bool, name: &str) -> Result<Outcome> {
+    let _writer = engine.writer().await;
+    if engine.catalog.sink(name).is_none() {
+        if !if_exists {
+            return Err(Error::UndefinedObject(format!(
+                "sink \"{name}\" does not exist"
+            )));
+        }
+    } else {
+        crate::sql::drop::drop_collected(engine, &[name.to_string()])?;
+    }
+    Ok(Outcome::Command {
+        tag: "DROP SINK",
+        rows: None,
+    })
+}
+
+fn show_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("name", DataType::Utf8, false),
+        Field::new("from", DataType::Utf8, false),
+        Field::new("topic", DataType::Utf8, false),
+        Field::new("envelope", DataType::Utf8, false),
+        Field::new("state", DataType::Utf8, false),
+        Field::new("sent", DataType::UInt64, false),
+        Field::new("pending", DataType::UInt64, false),
+    ]))
+}
+
+/// Runs `SHOW SINKS`: state, messages sent since start, outbox entries
+/// (commits) not yet acknowledged by Kafka.
+pub fn show(engine: &Engine) -> Result<Outcome> {
+    let sinks = engine.catalog.sinks();
+    let status = engine.sink_status();
+    let mut pending = Vec::with_capacity(sinks.len());
+    for s in &sinks {
+        let mut n = 0u64;
+        engine.store.scan_prefix(&outbox_prefix(s.id), |_, _| {
+            n += 1;
+            Ok(true)
+        })?;
+        pending.push(n);
+    }
+    let st = |id: u32| {
+        status
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, s)| s.clone())
+    };
+    let schema = show_schema();
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                sinks.iter().map(|s| s.name.clone()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                sinks.iter().map(|s| s.from.clone()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                sinks.iter().map(|s| s.spec.topic.clone()),
+            )),
+            Arc::new(StringArray::from_iter_values(sinks.iter().map(|s| {
+                match s.spec.envelope {
+                    SinkEnvelope::Append => "append",
+                    SinkEnvelope::Upsert => "upsert",
+                    SinkEnvelope::Debezium => "debezium",
+                }
+                .to_string()
+            }))),
+            Arc::new(StringArray::from_iter_values(sinks.iter().map(|s| {
+                st(s.id)
+                    .map(|x| x.state)
+                    .unwrap_or_else(|| "stopped".into())
+            }))),
+            Arc::new(UInt64Array::from_iter_values(
+                sinks.iter().map(|s| st(s.id).map(|x| x.sent).unwrap_or(0)),
+            )),
+            Arc::new(UInt64Array::from(pending)),
+        ],
+    )?;
+    Ok(Outcome::Rows(Rows {
+        schema,
+        batches: vec![batch],
+        names: None,
+        tag: "SHOW",
+    }))
+}
