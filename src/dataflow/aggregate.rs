@@ -129,6 +129,9 @@ pub struct HashAggregate {
     aggs: Vec<AggSpec>,
     arg_sql_types: Vec<Option<SqlType>>,
     schema: SchemaRef,
+    /// The input never deletes: MIN/MAX state keeps only the extreme (the
+    /// stored form stays a one-value multiset, so it reads the same).
+    insert_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -201,7 +204,14 @@ impl HashAggregate {
             aggs,
             arg_sql_types,
             schema,
+            insert_only: false,
         })
+    }
+
+    /// Marks the input insert-only (see the field).
+    pub fn insert_only(mut self, insert_only: bool) -> Self {
+        self.insert_only = insert_only;
+        self
     }
 
     fn empty_state(&self) -> GroupState {
@@ -279,7 +289,28 @@ impl HashAggregate {
     fn store(&self, ctx: &mut OpCtx<'_>, group: &[u8], s: &GroupState) -> Result<()> {
         let mut v = Vec::new();
         put_i64(&mut v, s.rows)?;
-        for acc in &s.accs {
+        for (acc, spec) in s.accs.iter().zip(&self.aggs) {
+            // Insert-only MIN/MAX: only the extreme can ever be the answer.
+            let pruned;
+            let acc = match (acc, spec.kind) {
+                (Acc::Set(set), AggKind::Min | AggKind::Max)
+                    if self.insert_only && set.len() > 1 =>
+                {
+                    let extreme = if spec.kind == AggKind::Min {
+                        set.iter().next()
+                    } else {
+                        set.iter().next_back()
+                    };
+                    pruned = Acc::Set(
+                        extreme
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .into_iter()
+                            .collect(),
+                    );
+                    &pruned
+                }
+                _ => acc,
+            };
             match acc {
                 Acc::Count(c) => put_i64(&mut v, *c)?,
                 Acc::Sum(n, i, f) => {

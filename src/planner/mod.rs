@@ -481,8 +481,12 @@ fn walk(plan: &LogicalPlan, cx: &mut Walk<'_>) -> Result<Node> {
                 });
             }
             let state_id = (cx.state_ids)()?;
+            // Over an insert-only input MIN/MAX never retract: they keep
+            // only the extreme instead of every value.
+            let insert_only = input_node.append_only(&|id| cx.append_only.contains(&id));
             Ok(unary(
-                HashAggregate::new(state_id, group_exprs, aggs, Arc::new(out.clone()))?,
+                HashAggregate::new(state_id, group_exprs, aggs, Arc::new(out.clone()))?
+                    .insert_only(insert_only),
                 input_node,
             ))
         }
