@@ -2,9 +2,9 @@
 //!
 //! An embedded streaming SQL engine: one binary that speaks the PostgreSQL
 //! wire protocol, stores tables in RocksDB, answers SQL through Apache
-//! DataFusion and keeps materialized views up to date incrementally. (Kafka
-//! sources and sinks build on exactly these layers; see
-//! `docs/ARCHITECTURE.md`.)
+//! DataFusion and keeps materialized views up to date incrementally — over
+//! tables, built-in generators and Kafka topics — and writes their changes
+//! back to Kafka (see `docs/ARCHITECTURE.md`).
 //!
 //! ## Layers
 //!
@@ -81,6 +81,21 @@
 //! same `WriteBatch`. A restart resumes each source at its committed
 //! offset; `SELECT … FROM source` regenerates rows `0..offset`
 //! ([`query::SourceTable`]).
+//!
+//! A Kafka record takes the same road with one more hop: the source's
+//! reader thread ([`connector::KafkaReader`]) polls it, decodes it with
+//! the other records of its poll ([`connector::RecordDecoder`]; a record
+//! that fails becomes a [`connector::BadRecord`]), and hands the chunk to
+//! the driver, which commits the rows, the bad records and every
+//! partition's next offset in one batch.
+//!
+//! ## Life of a change on its way out
+//!
+//! Inside [`engine::Engine::commit`], after the views, every sink reading
+//! a changed relation turns the change into Kafka messages
+//! ([`connector::sink::encode`]) staged as one outbox entry in the same
+//! batch. The sink's writer thread ([`connector::sink::SinkWriter`]) sends
+//! the pending entries and deletes them once Kafka acknowledged them.
 //!
 //! Errors are one typed enum, [`error::Error`]; SQLSTATEs are assigned only
 //! at the wire, in [`server::errors`].
