@@ -11,7 +11,7 @@
 //! The connectors are the built-in [`generator`]s (a counter and Nexmark),
 //! which need no external system, so a fresh Sluice can stream out of the
 //! box, and [`kafka`] topics — also offset-addressed logs, one offset per
-//! partition — decoded by [`format`]. The module knows nothing of SQL or
+//! partition — decoded by [`mod@format`]. The module knows nothing of SQL or
 //! the catalog; it speaks Arrow.
 
 pub mod avro;
