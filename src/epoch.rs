@@ -573,7 +573,9 @@ impl Driver {
     pub async fn flush(&self) -> Result<()> {
         let now = Instant::now();
         let mut targets: Vec<(u32, u64)> = Vec::new();
-        let mut kafka: Vec<(u32, String, KafkaSpec)> = Vec::new();
+        // Each Kafka source's watermark lookup, through its reader's
+        // consumer (run below, off the lock).
+        let mut kafka = Vec::new();
         for r in self.runs.lock().iter() {
             if r.state != SourceState::Running {
                 continue;
@@ -590,13 +592,16 @@ impl Driver {
                         .unwrap_or(r.offset.saturating_add(MAX_EPOCH_ROWS));
                     targets.push((r.id, due.min(cap)));
                 }
-                Feed::Kafka { spec, .. } => kafka.push((r.id, r.name.clone(), spec.clone())),
+                Feed::Kafka {
+                    reader: Some(reader),
+                    ..
+                } => kafka.push((r.id, r.name.clone(), reader.watermarks())),
+                Feed::Kafka { reader: None, .. } => {}
             }
         }
         let mut marks: Vec<(u32, String, Positions)> = Vec::new();
-        for (id, name, spec) in kafka {
-            let n = name.clone();
-            let m = tokio::task::spawn_blocking(move || spec.high_watermarks(&n))
+        for (id, name, lookup) in kafka {
+            let m = tokio::task::spawn_blocking(lookup)
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??;
             marks.push((id, name, m));

@@ -620,9 +620,12 @@ impl KafkaReader {
         *self.shared.commit.lock() = Some(positions.clone());
     }
 
-    /// Current high watermarks, asked of the brokers now (blocking).
-    pub fn high_watermarks(&self) -> Result<Positions> {
-        high_watermarks(&self.spec, &self.consumer)
+    /// A way to ask the brokers for the current high watermarks through
+    /// this reader's (already connected) consumer — to run off any lock, on
+    /// a blocking thread.
+    pub fn watermarks(&self) -> impl FnOnce() -> Result<Positions> + Send + 'static {
+        let (spec, consumer) = (self.spec.clone(), self.consumer.clone());
+        move || high_watermarks(&spec, &consumer)
     }
 
     /// The broker or metadata error the reader is retrying through, if any.
@@ -779,20 +782,36 @@ fn read_loop(
                 return;
             }
         };
-        let mut positions: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        let mut bytes = 0u64;
+        // Per partition of the poll: (topic, partition, next offset,
+        // records, bytes). A poll spans a handful of partitions, so a
+        // linear search beats building a key per record.
+        let mut per: Vec<(&str, i32, i64, u64, u64)> = Vec::new();
+        for r in &refs {
+            let len = r.payload.map_or(0, |p| p.len()) as u64;
+            match per
+                .iter_mut()
+                .find(|p| p.1 == r.partition && p.0 == r.topic)
+            {
+                Some(p) => {
+                    p.2 = r.offset + 1;
+                    p.3 += 1;
+                    p.4 += len;
+                }
+                None => per.push((r.topic, r.partition, r.offset + 1, 1, len)),
+            }
+        }
+        let bytes = per.iter().map(|p| p.4).sum();
         {
             let mut status = shared.status.lock();
             status.error = None;
-            for r in &refs {
-                let key = (r.topic.to_string(), r.partition);
-                let len = r.payload.map_or(0, |p| p.len()) as u64;
-                bytes += len;
-                let st = status.partitions.entry(key.clone()).or_default();
-                st.records += 1;
-                st.window_records += 1;
-                st.bytes += len;
-                positions.insert(key, r.offset + 1);
+            for (topic, partition, _, records, bytes) in &per {
+                let st = status
+                    .partitions
+                    .entry((topic.to_string(), *partition))
+                    .or_default();
+                st.records += records;
+                st.window_records += records;
+                st.bytes += bytes;
             }
             for b in &bad {
                 if let Some(st) = status.partitions.get_mut(&(b.topic.clone(), b.partition)) {
@@ -813,7 +832,10 @@ fn read_loop(
             batch,
             bad,
             ops,
-            positions: positions.into_iter().collect(),
+            positions: per
+                .iter()
+                .map(|(t, p, next, _, _)| ((t.to_string(), *p), *next))
+                .collect(),
             records: refs.len() as u64,
             bytes,
         };
@@ -943,6 +965,20 @@ mod tests {
         .unwrap()
     }
 
+    /// A mock cluster with topic `t` (2 partitions) holding `values`.
+    fn cluster_with(
+        values: &[(i32, &[u8])],
+    ) -> (
+        MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        String,
+    ) {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 2, 1).unwrap();
+        let brokers = cluster.bootstrap_servers();
+        produce(&brokers, values);
+        (cluster, brokers)
+    }
+
     fn produce(brokers: &str, values: &[(i32, &[u8])]) {
         let p: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
@@ -958,18 +994,12 @@ mod tests {
 
     #[test]
     fn resolves_start_offsets_and_reads_ranges() {
-        let cluster = MockCluster::new(1).unwrap();
-        cluster.create_topic("t", 2, 1).unwrap();
-        let brokers = cluster.bootstrap_servers();
-        produce(
-            &brokers,
-            &[
-                (0, &b"a"[..]),
-                (0, &b"b"[..]),
-                (1, &b"c"[..]),
-                (0, &b"\xffd"[..]),
-            ],
-        );
+        let (_cluster, brokers) = cluster_with(&[
+            (0, &b"a"[..]),
+            (0, &b"b"[..]),
+            (1, &b"c"[..]),
+            (0, &b"\xffd"[..]),
+        ]);
 
         let mut earliest = spec(&brokers, StartOffset::Earliest);
         earliest.resolve("s").unwrap();
@@ -1040,18 +1070,12 @@ mod tests {
 
     #[test]
     fn reader_hands_over_chunks_with_positions_and_bad_records() {
-        let cluster = MockCluster::new(1).unwrap();
-        cluster.create_topic("t", 2, 1).unwrap();
-        let brokers = cluster.bootstrap_servers();
-        produce(
-            &brokers,
-            &[
-                (0, &b"a"[..]),
-                (1, &b"b"[..]),
-                (0, &b"\xffx"[..]),
-                (1, &b"c"[..]),
-            ],
-        );
+        let (cluster, brokers) = cluster_with(&[
+            (0, &b"a"[..]),
+            (1, &b"b"[..]),
+            (0, &b"\xffx"[..]),
+            (1, &b"c"[..]),
+        ]);
         let mut s = spec(&brokers, StartOffset::Earliest);
         s.resolve("s").unwrap();
         let woken = Arc::new(AtomicUsize::new(0));

@@ -131,48 +131,38 @@ impl TableProvider for SourceTable {
         _filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let spec = match &self.source.def.connector {
-            SourceConnector::Generator(g) => g.clone(),
-            SourceConnector::Kafka(k) => {
-                let decoder = self
+        let external = |e| DataFusionError::External(Box::new(e));
+        let part: Arc<dyn PartitionStream> = match &self.source.def.connector {
+            SourceConnector::Generator(spec) => {
+                // Read while the caller holds the engine's snapshot lock: the
+                // same commit as the views this statement reads.
+                let end = read_source_offset(&self.store, self.source.def.id).map_err(external)?;
+                let end = match limit {
+                    Some(l) => end.min(l as u64),
+                    None => end,
+                };
+                Arc::new(Generated {
+                    spec: spec.clone(),
+                    schema: self.source.schema.clone(),
+                    end,
+                })
+            }
+            SourceConnector::Kafka(k) => Arc::new(KafkaScan {
+                name: self.source.def.name.clone(),
+                spec: k.clone(),
+                decoder: self
                     .source
                     .def
                     .decoder()
-                    .map_err(|e| DataFusionError::External(Box::new(e)))?
-                    .ok_or_else(|| DataFusionError::Internal("no decoder".into()))?;
-                let part = KafkaScan {
-                    name: self.source.def.name.clone(),
-                    spec: k.clone(),
-                    decoder,
-                    schema: self.source.schema.clone(),
-                    limit,
-                };
-                return Ok(Arc::new(StreamingTableExec::try_new(
-                    self.source.schema.clone(),
-                    vec![Arc::new(part)],
-                    projection,
-                    vec![],
-                    false,
-                    limit,
-                )?));
-            }
-        };
-        // Read while the caller holds the engine's snapshot lock: the same
-        // commit as the views this statement reads.
-        let end = read_source_offset(&self.store, self.source.def.id)
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        let end = match limit {
-            Some(l) => end.min(l as u64),
-            None => end,
-        };
-        let part = Generated {
-            spec,
-            schema: self.source.schema.clone(),
-            end,
+                    .map_err(external)?
+                    .ok_or_else(|| DataFusionError::Internal("no decoder".into()))?,
+                schema: self.source.schema.clone(),
+                limit,
+            }),
         };
         Ok(Arc::new(StreamingTableExec::try_new(
             self.source.schema.clone(),
-            vec![Arc::new(part)],
+            vec![part],
             projection,
             vec![],
             false,

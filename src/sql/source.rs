@@ -282,6 +282,31 @@ impl Cursor<'_> {
         }
     }
 
+    /// `[IF EXISTS]`.
+    fn if_exists(&mut self) -> Result<bool> {
+        Ok(self.keyword("IF") && {
+            self.expect_keyword("EXISTS")?;
+            true
+        })
+    }
+
+    /// `[IF NOT EXISTS]`.
+    fn if_not_exists(&mut self) -> Result<bool> {
+        Ok(self.keyword("IF") && {
+            self.expect_keyword("NOT")?;
+            self.expect_keyword("EXISTS")?;
+            true
+        })
+    }
+
+    /// `[CASCADE | RESTRICT]`: whether CASCADE.
+    fn cascade(&mut self) -> bool {
+        self.keyword("CASCADE") || {
+            self.keyword("RESTRICT");
+            false
+        }
+    }
+
     fn end(&self) -> Result<()> {
         match self.peek() {
             None => Ok(()),
@@ -307,24 +332,15 @@ impl Cursor<'_> {
             && self.tokens.get(1).map(|t| upper_word(t)).as_deref() == Some("SINK")
         {
             self.pos = 2;
-            let if_exists = self.keyword("IF") && {
-                self.expect_keyword("EXISTS")?;
-                true
-            };
+            let if_exists = self.if_exists()?;
             let name = self.ident()?;
             self.end()?;
             return Ok(SourceStatementKind::DropSink { if_exists, name });
         }
         if self.keyword("DROP") && self.keyword("CONNECTION") {
-            let if_exists = self.keyword("IF") && {
-                self.expect_keyword("EXISTS")?;
-                true
-            };
+            let if_exists = self.if_exists()?;
             let name = self.ident()?;
-            let cascade = self.keyword("CASCADE");
-            if !cascade {
-                self.keyword("RESTRICT");
-            }
+            let cascade = self.cascade();
             self.end()?;
             return Ok(SourceStatementKind::DropConnection {
                 if_exists,
@@ -334,18 +350,12 @@ impl Cursor<'_> {
         }
         if self.pos > 0 {
             self.expect_keyword("SOURCE")?;
-            let if_exists = self.keyword("IF") && {
-                self.expect_keyword("EXISTS")?;
-                true
-            };
+            let if_exists = self.if_exists()?;
             let mut names = vec![self.ident()?];
             while self.token(&Token::Comma) {
                 names.push(self.ident()?);
             }
-            let cascade = self.keyword("CASCADE");
-            if !cascade {
-                self.keyword("RESTRICT");
-            }
+            let cascade = self.cascade();
             self.end()?;
             return Ok(SourceStatementKind::Drop {
                 if_exists,
@@ -361,11 +371,7 @@ impl Cursor<'_> {
         if !connection {
             self.expect_keyword("SOURCE")?;
         }
-        let if_not_exists = self.keyword("IF") && {
-            self.expect_keyword("NOT")?;
-            self.expect_keyword("EXISTS")?;
-            true
-        };
+        let if_not_exists = self.if_not_exists()?;
         let name = self.ident()?;
         if connection {
             self.expect_keyword("TO")?;
@@ -439,11 +445,7 @@ impl Cursor<'_> {
     /// `CREATE SINK [IF NOT EXISTS] name FROM relation INTO KAFKA (…)
     /// [FORMAT JSON] [ENVELOPE APPEND | UPSERT | DEBEZIUM] [KEY (col, …)]`.
     fn sink(&mut self) -> Result<SourceStatementKind> {
-        let if_not_exists = self.keyword("IF") && {
-            self.expect_keyword("NOT")?;
-            self.expect_keyword("EXISTS")?;
-            true
-        };
+        let if_not_exists = self.if_not_exists()?;
         let name = self.ident()?;
         self.expect_keyword("FROM")?;
         if self.peek() == Some(&Token::LParen) || self.keyword("AS") {
