@@ -54,17 +54,8 @@ fn producer(addr: &str) -> BaseProducer {
 }
 
 fn send(p: &BaseProducer, topic: &str, partition: i32, value: &[u8]) {
-    let mut rec: BaseRecord<'_, (), [u8]> =
-        BaseRecord::to(topic).partition(partition).payload(value);
-    loop {
-        match p.send(rec) {
-            Ok(()) => return,
-            Err((_, r)) => {
-                rec = r;
-                p.poll(Duration::from_millis(5));
-            }
-        }
-    }
+    let rec: BaseRecord<'_, (), [u8]> = BaseRecord::to(topic).partition(partition).payload(value);
+    kafka::enqueue(p, rec);
 }
 
 /// Nexmark bids as JSON lines (the nexmark crate's events, via the

@@ -307,6 +307,23 @@ impl Drop for Broker {
     }
 }
 
+/// Queues `rec`, waiting for room while librdkafka's queue is full.
+pub fn enqueue<K: rdkafka::message::ToBytes + ?Sized>(
+    p: &BaseProducer,
+    mut rec: BaseRecord<'_, K, [u8]>,
+) {
+    loop {
+        match p.send(rec) {
+            Ok(()) => break,
+            Err((_, r)) => {
+                rec = r;
+                p.poll(Duration::from_millis(10));
+            }
+        }
+    }
+    p.poll(Duration::ZERO);
+}
+
 /// A keyed record: partition, key, value (`None` = tombstone).
 pub type Keyed = (i32, Vec<u8>, Option<Vec<u8>>);
 
@@ -349,16 +366,7 @@ impl Producer1 {
             if let Some(v) = value {
                 rec = rec.payload(v.as_slice());
             }
-            loop {
-                match self.0.send(rec) {
-                    Ok(()) => break,
-                    Err((_, r)) => {
-                        rec = r;
-                        self.0.poll(Duration::from_millis(10));
-                    }
-                }
-            }
-            self.0.poll(Duration::ZERO);
+            enqueue(&self.0, rec);
         }
         self.0.flush(Duration::from_secs(60)).expect("flush");
     }
@@ -366,20 +374,12 @@ impl Producer1 {
     /// Sends many values round-robin over `partitions`, then waits for all.
     pub fn send_all(&self, topic: &str, partitions: i32, values: &[String]) {
         for (i, v) in values.iter().enumerate() {
-            let rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
-                .partition(i as i32 % partitions)
-                .payload(v.as_bytes());
-            let mut rec = rec;
-            loop {
-                match self.0.send(rec) {
-                    Ok(()) => break,
-                    Err((_, r)) => {
-                        rec = r;
-                        self.0.poll(Duration::from_millis(10));
-                    }
-                }
-            }
-            self.0.poll(Duration::ZERO);
+            enqueue(
+                &self.0,
+                BaseRecord::<(), [u8]>::to(topic)
+                    .partition(i as i32 % partitions)
+                    .payload(v.as_bytes()),
+            );
         }
         self.0.flush(Duration::from_secs(60)).expect("flush");
     }
