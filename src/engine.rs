@@ -26,15 +26,16 @@ use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast;
 use datafusion_pg_catalog::pg_catalog::{context::EmptyContextProvider, setup_pg_catalog};
 use rocksdb::WriteBatch;
-use tokio::sync::{broadcast, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use tokio::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
-use crate::catalog::{Catalog, CatalogEntry, Relation};
+use crate::catalog::{Catalog, CatalogEntry, MvOwner, Relation};
 use crate::config::Config;
 use crate::dataflow::operator::{Layout, OpCtx, Pipeline};
 use crate::dataflow::TableChange;
 use crate::error::{Error, Result};
 use crate::query::SluiceSchema;
 use crate::state::Store;
+use crate::subscription::Subscribers;
 
 /// DataFusion catalog name (what `current_database()` returns).
 pub const DATABASE: &str = "sluice";
@@ -70,7 +71,8 @@ pub struct Engine {
     pub driver: crate::epoch::Driver,
     /// Running sinks: their outboxes are staged in every commit.
     sinks: parking_lot::Mutex<Vec<SinkRun>>,
-    change_feed: broadcast::Sender<Arc<TableChange>>,
+    /// Live `SUBSCRIBE`s, fed by every commit, and the commit clock.
+    pub subscribers: Arc<Subscribers>,
 }
 
 impl Engine {
@@ -110,7 +112,6 @@ impl Engine {
         ctx.register_udf(crate::query::functions::interval_in_udf());
         ctx.add_analyzer_rule(Arc::new(crate::query::functions::PgTextInput::default()));
 
-        let (change_feed, _) = broadcast::channel(1024);
         let engine = Arc::new(Engine {
             config,
             store,
@@ -132,7 +133,7 @@ impl Engine {
             pipelines: parking_lot::Mutex::new(Vec::new()),
             driver: crate::epoch::Driver::default(),
             sinks: parking_lot::Mutex::new(Vec::new()),
-            change_feed,
+            subscribers: Arc::new(Subscribers::default()),
         });
         let weak: std::sync::Weak<Engine> = Arc::downgrade(&engine);
         schema.set_system_tables(weak);
@@ -140,6 +141,7 @@ impl Engine {
         // a valid dependency order (a view can only read older relations).
         // Materialized views get their pipelines back; their rows and state
         // are already in RocksDB, exactly as of the last commit.
+        let mut leftovers = Vec::new();
         for entry in views {
             match entry {
                 CatalogEntry::View(def) => {
@@ -175,6 +177,9 @@ impl Engine {
                             def.name
                         )));
                     }
+                    if def.owner == MvOwner::Subscription {
+                        leftovers.push(def.name.clone());
+                    }
                     engine.catalog.register_mv(def);
                     engine.add_pipeline(planned.pipeline);
                 }
@@ -189,6 +194,8 @@ impl Engine {
                 CatalogEntry::Table(_) | CatalogEntry::Connection(_) => {}
             }
         }
+        // Views of subscriptions that were open when Sluice stopped.
+        engine.drop_objects(&leftovers)?;
         crate::epoch::spawn(&engine, engine.config.checkpoint_interval)?;
         Ok(engine)
     }
@@ -270,6 +277,35 @@ impl Engine {
         }
     }
 
+    /// Drops relations and sinks (names [`crate::sql::drop::collect`]
+    /// gathered) in one atomic catalog change. Callers hold the writer
+    /// lock, so no commit or epoch is in flight: pipelines, sources and
+    /// sinks stop before their state goes, and subscriptions to them end.
+    pub fn drop_objects(&self, names: &[String]) -> Result<()> {
+        let mut mv_ids = Vec::new();
+        let mut source_ids = Vec::new();
+        let mut sink_ids = Vec::new();
+        let mut relation_ids = Vec::new();
+        for n in names {
+            if let Some(k) = self.catalog.sink(n) {
+                sink_ids.push(k.id);
+            }
+            match self.catalog.get(n) {
+                Some(Relation::MaterializedView(m)) => mv_ids.push(m.def.id),
+                Some(Relation::Source(s)) => source_ids.push(s.def.id),
+                Some(Relation::Table(t)) => relation_ids.push(t.def.id),
+                _ => {}
+            }
+        }
+        relation_ids.extend(&mv_ids);
+        relation_ids.extend(&source_ids);
+        self.stop_sinks(&sink_ids);
+        self.remove_pipelines(&mv_ids);
+        self.driver.remove(&source_ids);
+        self.subscribers.drop_relations(&relation_ids);
+        self.catalog.drop_relations(names)
+    }
+
     /// Starts maintaining a materialized view.
     pub fn add_pipeline(&self, p: Pipeline) {
         self.pipelines.lock().push(p);
@@ -322,8 +358,9 @@ impl Engine {
 
     /// The commit path: maintains every materialized view the changes feed
     /// (in the same batch), stages every sink's messages into its outbox
-    /// (same batch), applies `batch` atomically and durably, then publishes
-    /// the changes to the change feed and wakes the sinks.
+    /// (same batch), applies `batch` atomically and durably, then wakes the
+    /// sinks and hands the changes to the subscriptions, tagged with the
+    /// commit's timestamp.
     pub async fn commit(&self, mut batch: WriteBatch, changes: Vec<TableChange>) -> Result<()> {
         let changes = self.propagate(&mut batch, changes)?;
         let woken = self.stage_sinks(&mut batch, &changes)?;
@@ -333,11 +370,13 @@ impl Engine {
                 s.writer.notify();
             }
         }
-        for c in changes {
-            if !c.changes.is_empty() {
-                // No subscribers is fine: nothing maintains this table yet.
-                let _ = self.change_feed.send(Arc::new(c));
+        let ts = self.subscribers.next_ts();
+        if !self.subscribers.is_empty() {
+            for c in changes.iter().filter(|c| !c.changes.is_empty()) {
+                self.subscribers
+                    .publish(c.table_id, ts, &c.changes.data, &c.changes.weights);
             }
+            self.subscribers.commit_done(ts);
         }
         Ok(())
     }
@@ -408,11 +447,6 @@ impl Engine {
             .iter()
             .map(|s| (s.id, s.writer.status()))
             .collect()
-    }
-
-    /// Subscribes to the change batches of every committed write.
-    pub fn subscribe_changes(&self) -> broadcast::Receiver<Arc<TableChange>> {
-        self.change_feed.subscribe()
     }
 }
 

@@ -116,6 +116,22 @@ pub enum Error {
     /// a request.
     #[error("{0}")]
     Connector(String),
+    /// A resource limit was hit (a subscriber fell too far behind).
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// The object is not in a state the statement needs (a subscription
+    /// whose relation was dropped).
+    #[error("{0}")]
+    ObjectNotInPrerequisiteState(String),
+    /// No cursor of this name is open.
+    #[error("cursor \"{0}\" does not exist")]
+    InvalidCursor(String),
+    /// A cursor of this name is already open.
+    #[error("cursor \"{0}\" already exists")]
+    DuplicateCursor(String),
+    /// The statement needs a transaction block (`DECLARE` outside `BEGIN`).
+    #[error("{0}")]
+    NoActiveTransaction(String),
     /// A bug: something that should not happen did. Never a panic.
     #[error("internal error: {0}")]
     Internal(String),

@@ -115,4 +115,5 @@ pub mod server;
 pub mod session;
 pub mod sql;
 pub mod state;
+pub mod subscription;
 pub mod system_tables;

@@ -22,6 +22,8 @@ pub struct Session {
     pub vars: Vars,
     /// Whether the current transaction block has committed any write.
     wrote_in_block: bool,
+    /// Open cursors (`DECLARE`).
+    pub cursors: sql::subscribe::Cursors,
 }
 
 impl Session {
@@ -31,6 +33,7 @@ impl Session {
             engine,
             vars: Vars::default(),
             wrote_in_block: false,
+            cursors: sql::subscribe::Cursors::default(),
         }
     }
 
@@ -82,6 +85,8 @@ impl Session {
         let mut ctx = Ctx {
             engine: &engine,
             vars: &mut self.vars,
+            cursors: &mut self.cursors,
+            in_block,
         };
         let result = AssertUnwindSafe(sql::execute(&mut ctx, prepared, params))
             .catch_unwind()
@@ -104,9 +109,11 @@ impl Session {
             }
             Outcome::Commit(_) => {
                 self.wrote_in_block = false;
+                self.cursors.close_all();
                 Outcome::Commit(if failed_block { "ROLLBACK" } else { "COMMIT" })
             }
             Outcome::Rollback { .. } => {
+                self.cursors.close_all();
                 let wrote = std::mem::take(&mut self.wrote_in_block);
                 Outcome::Rollback { wrote }
             }

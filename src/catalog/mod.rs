@@ -102,6 +102,21 @@ pub struct MvDef {
     /// without multiplicities.
     #[serde(default)]
     pub append_only: bool,
+    /// Who made it: a user, or Sluice for a `SUBSCRIBE` to a query
+    /// (dropped when the subscription ends, or at the next start).
+    #[serde(default)]
+    pub owner: MvOwner,
+}
+
+/// Who created a materialized view.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MvOwner {
+    /// `CREATE MATERIALIZED VIEW`.
+    #[default]
+    User,
+    /// `SUBSCRIBE TO (SELECT …)`: temporary, not listed.
+    Subscription,
 }
 
 /// A source: an append-only stream that materialized views consume.
@@ -531,7 +546,13 @@ impl Catalog {
 
     /// Names of all materialized views, sorted.
     pub fn mv_names(&self) -> Vec<String> {
-        self.state.read().mvs.keys().cloned().collect()
+        self.state
+            .read()
+            .mvs
+            .values()
+            .filter(|m| m.def.owner == MvOwner::User)
+            .map(|m| m.def.name.clone())
+            .collect()
     }
 
     /// All sources, sorted by name.

@@ -35,6 +35,11 @@ pub fn sqlstate(e: &Error) -> &'static str {
         Error::Config(_) => "F0000",
         Error::Decode(_) => "22P02",
         Error::Connector(_) => "08001",
+        Error::LimitExceeded(_) => "54000",
+        Error::ObjectNotInPrerequisiteState(_) => "55000",
+        Error::InvalidCursor(_) => "34000",
+        Error::DuplicateCursor(_) => "42P03",
+        Error::NoActiveTransaction(_) => "25P01",
         Error::Internal(_) => "XX000",
     }
 }

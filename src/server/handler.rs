@@ -145,6 +145,47 @@ pub struct Backend {
 type SessionRef = Arc<Mutex<Session>>;
 
 impl Backend {
+    /// The fields of a `FETCH` being described: its cursor's, which only
+    /// the session knows. `None` for any other statement.
+    async fn describe_fetch<C>(
+        &self,
+        client: &C,
+        message: &Describe,
+    ) -> PgWireResult<Option<Vec<FieldInfo>>>
+    where
+        C: ClientInfo + ClientPortalStore,
+        C::PortalStore: PortalStore<Statement = Statement>,
+    {
+        let name = message.name.as_deref().unwrap_or(DEFAULT_NAME);
+        let (stmt, format) = if message.target_type == TARGET_TYPE_BYTE_STATEMENT {
+            match client.portal_store().get_statement(name) {
+                Some(Entry::Value(stmt)) => (stmt.statement.clone(), Format::UnifiedText),
+                _ => return Ok(None),
+            }
+        } else {
+            match client.portal_store().get_portal(name) {
+                Some(Entry::Value(portal)) => (
+                    portal.statement.statement.clone(),
+                    portal.result_column_format.clone(),
+                ),
+                _ => return Ok(None),
+            }
+        };
+        let crate::sql::Stmt::Stream(crate::sql::subscribe::StreamStatement::Fetch {
+            name: cursor,
+            ..
+        }) = &stmt.stmt
+        else {
+            return Ok(None);
+        };
+        let session = self.session(client);
+        let schema = session.lock().await.cursors.schema(cursor);
+        match schema {
+            Some(schema) => Ok(Some(pg_fields(&schema, None, &format, None)?)),
+            None => Err(to_pgwire(Error::InvalidCursor(cursor.clone()))),
+        }
+    }
+
     fn session<C: ClientInfo>(&self, client: &C) -> SessionRef {
         let engine = self.engine.clone();
         let s: Arc<SessionRef> = client
@@ -156,13 +197,22 @@ impl Backend {
 
 /// Converts an outcome to a pgwire response, sending side messages
 /// (`ParameterStatus`, warnings) first.
-async fn respond<C>(client: &mut C, outcome: Outcome, format: &Format) -> PgWireResult<Response>
+async fn respond<C>(
+    client: &mut C,
+    outcome: Outcome,
+    format: &Format,
+    send_describe: bool,
+) -> PgWireResult<Response>
 where
     C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
     C::Error: Debug,
     PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
 {
     Ok(match outcome {
+        Outcome::Stream { stream, copy } => {
+            let opts = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+            return super::stream::send(client, stream, copy, format, opts, send_describe).await;
+        }
         Outcome::Rows(rows) => {
             let opts = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
             Response::Query(rows_response(rows, format, opts)?)
@@ -209,7 +259,7 @@ where
 }
 
 /// Field descriptions for a result schema, with PostgreSQL column names.
-fn pg_fields(
+pub(super) fn pg_fields(
     schema: &SchemaRef,
     names: Option<&[String]>,
     format: &Format,
@@ -263,7 +313,7 @@ fn rows_response(
 
 /// Encodes a batch in PostgreSQL's text format; `None` if some column type
 /// has no text encoder in [`super::text`].
-fn text_rows(batch: &datafusion::arrow::array::RecordBatch) -> Option<Vec<DataRow>> {
+pub(super) fn text_rows(batch: &datafusion::arrow::array::RecordBatch) -> Option<Vec<DataRow>> {
     let mut rows = Vec::with_capacity(batch.num_rows());
     let mut cell = String::new();
     for r in 0..batch.num_rows() {
@@ -292,6 +342,11 @@ impl SimpleQueryHandler for Backend {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let stmts = Session::parse(query).map_err(to_pgwire)?;
+        if stmts.len() > 1 && stmts.iter().any(|s| s.is_streaming()) {
+            return Err(to_pgwire(Error::unsupported(
+                "SUBSCRIBE and COPY … TO STDOUT must be the only statement of their query string",
+            )));
+        }
         let session = self.session(client);
         let mut session = session.lock().await;
         let mut status = client.transaction_status();
@@ -318,7 +373,7 @@ impl SimpleQueryHandler for Backend {
                         Outcome::Commit(_) | Outcome::Rollback { .. } => status.to_idle_state(),
                         _ => status,
                     };
-                    responses.push(respond(client, outcome, &Format::UnifiedText).await?);
+                    responses.push(respond(client, outcome, &Format::UnifiedText, true).await?);
                 }
                 Err(e) => {
                     responses.push(Response::Error(Box::new(
@@ -500,6 +555,23 @@ impl ExtendedQueryHandler for Backend {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
+        if let Some(fields) = self.describe_fetch(client, &message).await? {
+            if message.target_type == TARGET_TYPE_BYTE_STATEMENT {
+                client
+                    .feed(PgWireBackendMessage::ParameterDescription(
+                        ParameterDescription::new(vec![]),
+                    ))
+                    .await?;
+            }
+            client
+                .send(PgWireBackendMessage::RowDescription(
+                    pgwire::messages::data::RowDescription::new(
+                        fields.iter().map(Into::into).collect(),
+                    ),
+                ))
+                .await?;
+            return Ok(());
+        }
         if message.target_type == TARGET_TYPE_BYTE_STATEMENT {
             let name = message.name.as_deref().unwrap_or(DEFAULT_NAME);
             if let Some(Entry::Value(stmt)) = client.portal_store().get_statement(name) {
@@ -550,6 +622,6 @@ impl ExtendedQueryHandler for Backend {
                 .await
                 .map_err(to_pgwire)?
         };
-        respond(client, outcome, &portal.result_column_format).await
+        respond(client, outcome, &portal.result_column_format, false).await
     }
 }

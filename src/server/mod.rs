@@ -9,6 +9,7 @@
 
 pub mod errors;
 pub mod handler;
+pub mod stream;
 pub mod text;
 
 use std::future::Future;

@@ -15,7 +15,9 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::sqlparser::ast;
 use rocksdb::WriteBatch;
 
-use crate::catalog::{read_positions, read_source_offset, MvDef, Relation, SourceConnector};
+use crate::catalog::{
+    read_positions, read_source_offset, MvDef, MvOwner, Relation, SourceConnector,
+};
 use crate::dataflow::operator::OpCtx;
 use crate::dataflow::ChangeBatch;
 use crate::engine::Engine;
@@ -44,12 +46,12 @@ fn check(cv: &ast::CreateView) -> Result<()> {
 /// for its columns.
 async fn optimized(
     engine: &Engine,
-    cv: &ast::CreateView,
+    query: &ast::Query,
 ) -> Result<(LogicalPlan, Option<Vec<String>>)> {
-    let query = ast::Statement::Query(cv.query.clone());
-    let logical = engine.plan(&query).await?;
+    let stmt = ast::Statement::Query(Box::new(query.clone()));
+    let logical = engine.plan(&stmt).await?;
     let names: Option<Vec<String>> =
-        select::pg_column_names(&cv.query, logical.schema().fields().len()).map(|n| {
+        select::pg_column_names(query, logical.schema().fields().len()).map(|n| {
             n.into_iter()
                 .zip(logical.schema().fields())
                 .map(|(n, f)| n.unwrap_or_else(|| f.name().clone()))
@@ -73,9 +75,21 @@ pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
         }
         return Err(Error::DuplicateObject(name));
     }
+    create_locked(engine, name, &cv.query, MvOwner::User).await?;
+    Ok(done)
+}
+
+/// Creates and backfills materialized view `name` over `query`. Callers
+/// hold the engine's writer lock (and checked that the name is free).
+pub async fn create_locked(
+    engine: &Engine,
+    name: String,
+    query: &ast::Query,
+    owner: MvOwner,
+) -> Result<MvDef> {
     let mut batch = WriteBatch::default();
     let id = engine.catalog.reserve_id(&mut batch);
-    let (logical, names) = optimized(engine, cv).await?;
+    let (logical, names) = optimized(engine, query).await?;
     let mut state_ids = Vec::new();
     let planned = plan_view(
         &logical,
@@ -163,24 +177,25 @@ pub async fn execute(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
     let def = MvDef {
         id,
         name,
-        sql: cv.query.to_string(),
-        depends_on: referenced_relations(engine, &cv.query),
+        sql: query.to_string(),
+        depends_on: referenced_relations(engine, query),
         columns,
         key,
         state_ids,
         append_only,
+        owner,
     };
     engine.catalog.stage_mv(&def, &mut batch)?;
     engine.apply(batch).await?;
-    engine.catalog.register_mv(def);
+    engine.catalog.register_mv(def.clone());
     engine.add_pipeline(pipeline);
-    Ok(done)
+    Ok(def)
 }
 
 /// `EXPLAIN CREATE MATERIALIZED VIEW`: the pipeline, sink first.
 pub async fn explain(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
     check(cv)?;
-    let (logical, names) = optimized(engine, cv).await?;
+    let (logical, names) = optimized(engine, &cv.query).await?;
     let mut next = 0u32;
     let planned = plan_view(
         &logical,

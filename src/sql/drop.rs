@@ -58,23 +58,7 @@ pub async fn execute(
 /// Callers hold the engine's writer lock, so no commit or epoch is in
 /// flight: pipelines and sources stop before their state goes.
 pub fn drop_collected(engine: &Engine, to_drop: &[String]) -> Result<()> {
-    let mut mv_ids = Vec::new();
-    let mut source_ids = Vec::new();
-    let mut sink_ids = Vec::new();
-    for n in to_drop {
-        if let Some(k) = engine.catalog.sink(n) {
-            sink_ids.push(k.id);
-        }
-        match engine.catalog.get(n) {
-            Some(Relation::MaterializedView(m)) => mv_ids.push(m.def.id),
-            Some(Relation::Source(s)) => source_ids.push(s.def.id),
-            _ => {}
-        }
-    }
-    engine.stop_sinks(&sink_ids);
-    engine.remove_pipelines(&mv_ids);
-    engine.driver.remove(&source_ids);
-    engine.catalog.drop_relations(to_drop)
+    engine.drop_objects(to_drop)
 }
 
 /// Adds `name` and (with `cascade`) everything that depends on it to `out`;

@@ -18,6 +18,7 @@ pub mod set;
 pub mod show;
 pub mod sink;
 pub mod source;
+pub mod subscribe;
 pub mod transaction;
 
 use std::sync::Arc;
@@ -43,6 +44,20 @@ pub enum Stmt {
     Sql(Statement),
     /// `CREATE SOURCE`, `DROP SOURCE`, `SHOW SOURCES`.
     Source(source::SourceStatement),
+    /// `SUBSCRIBE`, `COPY … TO STDOUT`, `DECLARE`, `FETCH`, `CLOSE`.
+    Stream(subscribe::StreamStatement),
+}
+
+impl Stmt {
+    /// Whether the wire layer streams its result over time (it must then be
+    /// the only statement of its query string).
+    pub fn is_streaming(&self) -> bool {
+        matches!(
+            self,
+            Stmt::Stream(subscribe::StreamStatement::Subscribe(_))
+                | Stmt::Stream(subscribe::StreamStatement::Copy { .. })
+        )
+    }
 }
 
 impl std::fmt::Display for Stmt {
@@ -50,6 +65,7 @@ impl std::fmt::Display for Stmt {
         match self {
             Stmt::Sql(s) => s.fmt(f),
             Stmt::Source(s) => s.fmt(f),
+            Stmt::Stream(s) => s.fmt(f),
         }
     }
 }
@@ -63,6 +79,7 @@ pub fn parse(sql: &str) -> Result<Vec<Stmt>> {
             for p in pieces {
                 match p {
                     source::Piece::Source(s) => out.push(Stmt::Source(s)),
+                    source::Piece::Stream(s) => out.push(Stmt::Stream(s)),
                     source::Piece::Sql(text) => {
                         out.extend(parse_sql(&text)?.into_iter().map(Stmt::Sql))
                     }
@@ -115,6 +132,8 @@ pub struct Prepared {
     pub column_names: Option<Vec<Option<String>>>,
     /// The `RETURNING` list of an INSERT/UPDATE/DELETE.
     pub returning: Option<Arc<dml::Returning>>,
+    /// The rows a `SUBSCRIBE` will send, as far as known at prepare time.
+    pub stream_schema: Option<SchemaRef>,
 }
 
 impl Prepared {
@@ -129,6 +148,9 @@ impl Prepared {
                 return matches!(s.kind, source::SourceStatementKind::Show)
                     .then(source::show_schema)
             }
+            // A subscription's columns are known once it runs; FETCH's
+            // are the cursor's (the wire layer asks the session).
+            Stmt::Stream(_) => return self.stream_schema.clone(),
         };
         match (&self.plan, stmt) {
             (Some(LogicalPlan::Dml(_)), _) => None,
@@ -172,6 +194,14 @@ pub enum Outcome {
         /// Whether the block had written.
         wrote: bool,
     },
+    /// Rows that the wire layer sends as they come: a subscription (until
+    /// the client cancels) or a `COPY … TO STDOUT`.
+    Stream {
+        /// The rows.
+        stream: subscribe::Stream,
+        /// `COPY` output options; `None` sends data rows.
+        copy: Option<subscribe::CopyOptions>,
+    },
     /// A `SET` whose new value clients track (`ParameterStatus`).
     SetReported {
         /// Parameter name as PostgreSQL reports it.
@@ -197,21 +227,32 @@ pub struct Rows {
 /// Per-statement context handed to handlers.
 pub struct Ctx<'a> {
     /// The shared engine.
-    pub engine: &'a Engine,
+    pub engine: &'a Arc<Engine>,
     /// The session's variables.
     pub vars: &'a mut Vars,
+    /// The session's open cursors.
+    pub cursors: &'a mut subscribe::Cursors,
+    /// Whether a transaction block is open.
+    pub in_block: bool,
 }
 
 /// Plans `stmt` for later execution.
 pub async fn prepare(engine: &Engine, sql: &str, stmt: Stmt) -> Result<Prepared> {
     let mut returning = None;
     let Stmt::Sql(sql_stmt) = &stmt else {
+        let stream_schema = match &stmt {
+            Stmt::Stream(subscribe::StreamStatement::Subscribe(spec)) => {
+                subscribe::schema_of(engine, spec).await?
+            }
+            _ => None,
+        };
         return Ok(Prepared {
             sql: sql.to_string(),
             stmt,
             plan: None,
             column_names: None,
             returning: None,
+            stream_schema,
         });
     };
     let (plan, column_names) = match sql_stmt {
@@ -244,6 +285,7 @@ pub async fn prepare(engine: &Engine, sql: &str, stmt: Stmt) -> Result<Prepared>
         plan,
         column_names,
         returning,
+        stream_schema: None,
     })
 }
 
@@ -258,6 +300,10 @@ pub async fn execute(
         Stmt::Source(s) => {
             reject_params(params)?;
             return source::execute(ctx.engine, s).await;
+        }
+        Stmt::Stream(s) => {
+            reject_params(params)?;
+            return subscribe::execute(ctx, s).await;
         }
     };
     if let Some(plan) = &prepared.plan {

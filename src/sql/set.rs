@@ -148,6 +148,12 @@ const KNOWN: &[(&str, &str, bool, &str)] = &[
         "Planner setting (ignored)",
     ),
     ("geqo", "on", false, "Planner setting (ignored)"),
+    (
+        "subscribe_buffer_rows",
+        "1000000",
+        false,
+        "Most changed rows a SUBSCRIBE holds for a slow client before it ends the subscription",
+    ),
     ("jit", "off", false, "Planner setting (ignored)"),
 ];
 

@@ -144,6 +144,8 @@ impl std::fmt::Display for SourceStatement {
 pub enum Piece {
     /// A source statement.
     Source(SourceStatement),
+    /// `SUBSCRIBE`, `COPY … TO STDOUT`, a cursor statement.
+    Stream(crate::sql::subscribe::StreamStatement),
     /// Anything else.
     Sql(String),
 }
@@ -167,6 +169,12 @@ pub fn split(sql: &str) -> Result<Option<Vec<Piece>>> {
         }
         let text: String = chunk.iter().map(|t| t.to_string()).collect();
         let head: Vec<String> = words.iter().take(2).map(|t| upper_word(t)).collect();
+        let all: Vec<String> = words.iter().map(|t| upper_word(t)).collect();
+        if crate::sql::subscribe::is_ours(&all) {
+            ours = true;
+            pieces.push(Piece::Stream(crate::sql::subscribe::parse(chunk)?));
+            continue;
+        }
         let is_ours = matches!(
             head.iter()
                 .map(String::as_str)

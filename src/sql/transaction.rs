@@ -29,6 +29,7 @@ pub fn is_write(stmt: &Stmt) -> bool {
     let stmt = match stmt {
         Stmt::Sql(s) => s,
         Stmt::Source(s) => return !matches!(s.kind, SourceStatementKind::Show),
+        Stmt::Stream(_) => return false,
     };
     matches!(
         stmt,
