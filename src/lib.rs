@@ -50,9 +50,9 @@
 //! [`sql::dml::execute`] takes the writer lock, runs only the DML's input
 //! (the rows, already cast to the column types), checks NOT NULL and the
 //! primary key, encodes keys and rows ([`state::encoding`]), and calls
-//! [`engine::Engine::commit`]: one RocksDB `WriteBatch` (durable before the
-//! client hears `INSERT 0 n`) followed by a [`dataflow::ChangeBatch`] on the
-//! change feed.
+//! [`engine::Engine::commit`] with the [`dataflow::ChangeBatch`] of the
+//! statement: one RocksDB `WriteBatch`, durable before the client hears
+//! `INSERT 0 n`.
 //!
 //! ## Life of a row through a materialized view
 //!
@@ -96,6 +96,12 @@
 //! ([`connector::sink::encode`]) staged as one outbox entry in the same
 //! batch. The sink's writer thread ([`connector::sink::SinkWriter`]) sends
 //! the pending entries and deletes them once Kafka acknowledged them.
+//!
+//! After the batch is durable, `commit` stamps it with a commit timestamp
+//! and pushes the changes of every subscribed relation to its
+//! [`subscription::Subscription`]s; a `COPY (SUBSCRIBE …) TO STDOUT`
+//! ([`sql::subscribe`]) is written out by [`server::stream`] and flushed
+//! as each commit's batch arrives.
 //!
 //! Errors are one typed enum, [`error::Error`]; SQLSTATEs are assigned only
 //! at the wire, in [`server::errors`].

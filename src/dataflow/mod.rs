@@ -11,9 +11,9 @@
 //! that was stored: consumers may rely on it to retract state (a sum, a
 //! min/max multiset, a join index) without reading the old value back.
 //!
-//! Today the table commit path (`Engine::commit`) produces one change batch
-//! per table per statement and publishes it on the engine's change feed;
-//! incrementally maintained views subscribe to that feed.
+//! The commit path (`Engine::commit`) produces one change batch per table
+//! per statement (per source per epoch), runs it through the view
+//! pipelines, and hands the committed batches to sinks and `SUBSCRIBE`s.
 
 pub mod aggregate;
 pub mod join;
