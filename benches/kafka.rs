@@ -321,14 +321,22 @@ fn main() {
         "| raw rdkafka consume | {n} | {raw:.2} | {:.0} | 100% |",
         n as f64 / raw
     );
+    // `BENCH_ONLY=a` (or `b`, `sink`, `fresh`, comma-separated) runs just
+    // those parts after the baseline, e.g. under `perf record`.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let wanted = |part: &str| only.is_empty() || only.split(',').any(|p| p.trim() == part);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    for (name, view) in [
-        ("(a) pass-through view", "SELECT * FROM bids"),
+    for (part, name, view) in [
+        ("a", "(a) pass-through view", "SELECT * FROM bids"),
         (
+            "b",
             "(b) GROUP BY view",
             "SELECT auction, count(*) AS n, sum(price) AS s, max(price) AS m FROM bids GROUP BY auction",
         ),
     ] {
+        if !wanted(part) {
+            continue;
+        }
         let secs = runtime.block_on(sluice_ingest(&addr, "bids", n, view));
         println!(
             "| Sluice {name} | {n} | {secs:.2} | {:.0} | {:.0}% |",
@@ -336,15 +344,19 @@ fn main() {
             100.0 * raw / secs
         );
     }
-    let sink_n = (n / 5).max(1);
-    let (sent, secs) = runtime.block_on(sink_throughput(&addr, sink_n));
-    println!(
-        "| Sluice UPSERT JSON sink (generator → view → Kafka) | {sent} | {secs:.2} | {:.0} | {:.0}% of produce |",
-        sent as f64 / secs,
-        100.0 * (sent as f64 / secs) / (n as f64 / produce_secs)
-    );
-    let (p50, p99, samples) = runtime.block_on(freshness(&addr, 100_000, 10));
-    println!(
-        "| freshness at 100 000 records/s, 10 s | {samples} samples | p50 {p50:.1} ms | p99 {p99:.1} ms |"
-    );
+    if wanted("sink") {
+        let sink_n = (n / 5).max(1);
+        let (sent, secs) = runtime.block_on(sink_throughput(&addr, sink_n));
+        println!(
+            "| Sluice UPSERT JSON sink (generator → view → Kafka) | {sent} | {secs:.2} | {:.0} | {:.0}% of produce |",
+            sent as f64 / secs,
+            100.0 * (sent as f64 / secs) / (n as f64 / produce_secs)
+        );
+    }
+    if wanted("fresh") {
+        let (p50, p99, samples) = runtime.block_on(freshness(&addr, 100_000, 10));
+        println!(
+            "| freshness at 100 000 records/s, 10 s | {samples} samples | p50 {p50:.1} ms | p99 {p99:.1} ms |"
+        );
+    }
 }
