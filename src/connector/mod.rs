@@ -19,6 +19,7 @@ pub mod format;
 pub mod generator;
 pub mod kafka;
 pub mod sink;
+pub mod sink_format;
 
 pub use format::{BadRecord, Envelope, Format, Meta, RecordDecoder};
 pub use generator::{GeneratorSpec, NexmarkTable};

@@ -32,6 +32,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::ClientContext;
 use serde::{Deserialize, Serialize};
 
+use super::sink_format::{Encoder, SinkFormat};
 use crate::error::{Error, Result};
 use crate::state::store::{prefix_end, sys_key, Store};
 
@@ -68,6 +69,44 @@ pub struct SinkSpec {
     pub key: Vec<usize>,
     /// Partitions of the topic if Sluice creates it.
     pub partitions: Option<i32>,
+    /// How keys and values are written (sinks from before formats: JSON).
+    #[serde(default)]
+    pub format: SinkFormat,
+    /// `EXACTLY ONCE`: Kafka transactions (see the module docs).
+    #[serde(default)]
+    pub exactly_once: Option<ExactlyOnce>,
+    /// The compiled format, built on first use and shared by clones.
+    #[serde(skip)]
+    pub encoder: EncoderCache,
+}
+
+/// The compiled [`Encoder`] of a spec: parsing Avro schemas once, not on
+/// every commit. Not part of the definition (always equal).
+#[derive(Clone, Default)]
+pub struct EncoderCache(Arc<Mutex<Option<Arc<Encoder>>>>);
+
+impl PartialEq for EncoderCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for EncoderCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EncoderCache")
+    }
+}
+
+/// `EXACTLY ONCE`: how the writer's transactions are named.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExactlyOnce {
+    /// `transactional.id` given as a property; by default
+    /// `sluice-sink-<sink id>`.
+    pub transactional_id: Option<String>,
+    /// Made at `CREATE SINK`: only progress markers carrying it are this
+    /// sink's (another Sluice, or a sink created again, may reuse the
+    /// transactional id and the progress topic).
+    pub token: String,
 }
 
 /// One Kafka message.
@@ -79,40 +118,36 @@ pub struct Message {
     pub value: Option<Vec<u8>>,
 }
 
-/// JSON lines of `batch`, one per row.
-fn json_rows(batch: &RecordBatch) -> Result<Vec<Vec<u8>>> {
-    if batch.num_rows() == 0 {
-        return Ok(Vec::new());
+impl SinkSpec {
+    /// The compiled format.
+    pub fn encoder(&self) -> Result<Arc<Encoder>> {
+        let mut cached = self.encoder.0.lock();
+        if let Some(e) = &*cached {
+            return Ok(e.clone());
+        }
+        let e = Arc::new(Encoder::new(&self.format, &self.key, self.envelope)?);
+        *cached = Some(e.clone());
+        Ok(e)
     }
-    let mut buf = Vec::new();
-    {
-        let mut w = datafusion::arrow::json::WriterBuilder::new()
-            .with_explicit_nulls(true)
-            .build::<_, datafusion::arrow::json::writer::LineDelimited>(&mut buf);
-        w.write(batch)?;
-        w.finish()?;
-    }
-    Ok(buf
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| l.to_vec())
-        .collect())
 }
 
 /// The messages one change batch (rows with weights) means for a sink.
 /// Per key, deletes and inserts of one batch net out: an update is one
 /// message with the new row (UPSERT) or one `u` event (DEBEZIUM).
 pub fn encode(spec: &SinkSpec, data: &RecordBatch, weights: &Int64Array) -> Result<Vec<Message>> {
-    let rows = json_rows(data)?;
+    if data.num_rows() == 0 {
+        return Ok(Vec::new());
+    }
+    let enc = spec.encoder()?;
     let keys: Vec<Option<Vec<u8>>> = if spec.key.is_empty() {
         vec![None; data.num_rows()]
     } else {
-        let projected = data.project(&spec.key)?;
-        json_rows(&projected)?.into_iter().map(Some).collect()
+        enc.keys(data, &spec.key)?
     };
     let mut out = Vec::new();
     match spec.envelope {
         SinkEnvelope::Append => {
+            let rows = enc.values(data)?;
             for i in 0..data.num_rows() {
                 let w = weights.value(i);
                 if w < 0 {
@@ -128,12 +163,13 @@ pub fn encode(spec: &SinkSpec, data: &RecordBatch, weights: &Int64Array) -> Resu
         }
         SinkEnvelope::Upsert | SinkEnvelope::Debezium => {
             // Per key, in first-seen order: the deleted and inserted rows.
-            let mut order: Vec<Vec<u8>> = Vec::new();
-            let mut per_key: std::collections::HashMap<Vec<u8>, (Option<usize>, Option<usize>)> =
-                std::collections::HashMap::new();
-            for (i, key) in keys.iter().enumerate() {
-                let k = key.clone().unwrap_or_default();
-                let e = per_key.entry(k.clone()).or_insert_with(|| {
+            let mut order: Vec<&Option<Vec<u8>>> = Vec::new();
+            let mut per_key: std::collections::HashMap<
+                &Option<Vec<u8>>,
+                (Option<usize>, Option<usize>),
+            > = std::collections::HashMap::new();
+            for (i, k) in keys.iter().enumerate() {
+                let e = per_key.entry(k).or_insert_with(|| {
                     order.push(k);
                     (None, None)
                 });
@@ -143,36 +179,35 @@ pub fn encode(spec: &SinkSpec, data: &RecordBatch, weights: &Int64Array) -> Resu
                     e.1 = Some(i);
                 }
             }
-            for k in order {
-                let (before, after) = per_key[&k];
-                let value = match spec.envelope {
-                    SinkEnvelope::Upsert => after.map(|a| rows[a].clone()),
-                    _ => {
-                        let op = match (before, after) {
-                            (None, Some(_)) => "c",
-                            (Some(_), Some(_)) => "u",
-                            (Some(_), None) => "d",
-                            (None, None) => continue,
-                        };
-                        let part = |i: Option<usize>| -> Result<serde_json::Value> {
-                            match i {
-                                None => Ok(serde_json::Value::Null),
-                                Some(i) => serde_json::from_slice(&rows[i])
-                                    .map_err(|e| Error::Internal(e.to_string())),
-                            }
-                        };
-                        let ev = serde_json::json!({
-                            "before": part(before)?,
-                            "after": part(after)?,
-                            "op": op,
-                        });
-                        Some(ev.to_string().into_bytes())
-                    }
-                };
-                out.push(Message {
-                    key: Some(k),
-                    value,
-                });
+            if spec.envelope == SinkEnvelope::Upsert {
+                let mut rows = enc.values(data)?;
+                for k in order {
+                    let (_, after) = per_key[k];
+                    out.push(Message {
+                        key: (*k).clone(),
+                        value: after.map(|a| std::mem::take(&mut rows[a])),
+                    });
+                }
+            } else {
+                let mut events = Vec::with_capacity(order.len());
+                let mut event_keys = Vec::with_capacity(order.len());
+                for k in order {
+                    let (before, after) = per_key[k];
+                    let op = match (before, after) {
+                        (None, Some(_)) => "c",
+                        (Some(_), Some(_)) => "u",
+                        (Some(_), None) => "d",
+                        (None, None) => continue,
+                    };
+                    events.push((before, after, op));
+                    event_keys.push((*k).clone());
+                }
+                for (key, value) in event_keys.into_iter().zip(enc.debezium(data, &events)?) {
+                    out.push(Message {
+                        key,
+                        value: Some(value),
+                    });
+                }
             }
         }
     }
@@ -315,9 +350,11 @@ impl SinkSpec {
     }
 
     /// Contacts the brokers and creates the topic if it is missing (with
-    /// `PARTITIONS`, default 1): `CREATE SINK` fails here, with nothing
-    /// created, when the brokers cannot be reached.
-    pub fn prepare(&self) -> Result<()> {
+    /// `PARTITIONS`, default 1), and registers Avro schemas with the
+    /// registry (`<topic>-value`, `<topic>-key`), keeping their ids:
+    /// `CREATE SINK` fails here, with nothing created, when the brokers or
+    /// the registry cannot be reached.
+    pub fn prepare(&mut self) -> Result<()> {
         let producer: BaseProducer = self
             .client_config()
             .create()
@@ -353,6 +390,19 @@ impl SinkSpec {
                     if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
                         return Err(Error::Connector(format!("creating topic {t}: {code}")));
                     }
+                }
+            }
+        }
+        if let SinkFormat::Avro(a) = &mut self.format {
+            if let Some(r) = a.registry.clone() {
+                let subject = |kind: &str| format!("{}-{kind}", self.topic);
+                a.value_id = Some(super::avro::register(
+                    &r,
+                    &subject("value"),
+                    &a.value_schema,
+                )?);
+                if let Some(k) = &a.key_schema {
+                    a.key_id = Some(super::avro::register(&r, &subject("key"), k)?);
                 }
             }
         }
@@ -536,6 +586,9 @@ mod tests {
             envelope,
             key,
             partitions: None,
+            format: SinkFormat::Json,
+            exactly_once: None,
+            encoder: Default::default(),
         }
     }
 
