@@ -892,3 +892,41 @@ async fn avro_and_csv_sinks_round_trip_through_sources() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_sink_writes_in_transactions() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    let c = server.connect().await;
+    exec(
+        &c,
+        &format!(
+            "CREATE TABLE t (id INT PRIMARY KEY, v TEXT);
+             INSERT INTO t VALUES (1, 'a'), (2, 'b');
+             CREATE SINK t_out FROM t INTO KAFKA (BROKERS '{0}', TOPIC 't_out', EXACTLY ONCE)
+               FORMAT JSON ENVELOPE UPSERT KEY (id);
+             CREATE SOURCE t_back (id INT, v TEXT)
+               FROM KAFKA (BROKERS '{0}', TOPIC 't_out') FORMAT JSON ENVELOPE UPSERT;",
+            broker.addr()
+        ),
+    )
+    .await;
+    wait_equal(&c, "SELECT id, v FROM t_back", "SELECT * FROM t").await;
+    exec(
+        &c,
+        "UPDATE t SET v = 'c' WHERE id = 1; DELETE FROM t WHERE id = 2",
+    )
+    .await;
+    wait_equal(&c, "SELECT id, v FROM t_back", "SELECT * FROM t").await;
+    let sinks = rows(&c, "SHOW SINKS").await;
+    assert!(
+        sinks[0].contains("|json, exactly once|running|"),
+        "{sinks:?}"
+    );
+    drop(c);
+    server.restart_kill9();
+    let c = server.connect().await;
+    exec(&c, "INSERT INTO t VALUES (3, 'd')").await;
+    wait_equal(&c, "SELECT id, v FROM t_back", "SELECT * FROM t").await;
+}
