@@ -17,6 +17,48 @@
 //! is away the writer backs off and retries; the outbox (on disk, bounded
 //! by how long the outage lasts) holds what is not yet sent, and
 //! `SHOW SINKS` shows the state and the backlog.
+//!
+//! Exactly-once *out of it* (`EXACTLY ONCE`): the writer is a transactional
+//! producer (`transactional.id` = `sluice-sink-<sink id>` unless given as a
+//! property) and every round is one Kafka transaction holding whole outbox
+//! entries (up to [`ROUND_ENTRIES`]; an entry is never split) **and** a
+//! progress marker — a record `{"sink": <token>, "next_seq": n}` in the
+//! sink's progress topic (`<transactional.id>-progress`, one partition,
+//! compacted) saying "entries below `n` are in Kafka". The transaction
+//! commits the messages and the marker atomically, so Kafka itself records
+//! how far it got. Then:
+//!
+//! 1. After the commit the entries are deleted from the outbox, as above.
+//! 2. On writer start (and after any error whose outcome is unknown), a new
+//!    producer calls `init_transactions`, which fences older producers with
+//!    the same transactional id and aborts their open transaction; then
+//!    the writer reads the progress topic backwards with `read_committed`
+//!    and deletes the outbox entries below the last committed marker's
+//!    `next_seq`. A crash between the Kafka commit and the outbox delete
+//!    therefore sends nothing twice; a crash before the commit leaves an
+//!    aborted transaction (invisible to `read_committed` consumers) and the
+//!    entries still pending, sent again in a new transaction.
+//! 3. An abortable error (a failed delivery) aborts the transaction and
+//!    retries the same entries after a backoff. A fatal error (fenced by
+//!    another writer with the same transactional id) stops the writer:
+//!    `SHOW SINKS` shows `failed: …` until the sink is recreated or Sluice
+//!    restarts.
+//!
+//! The marker carries a token made at `CREATE SINK`, so that markers of
+//! another sink that reused the transactional id (another Sluice, or a
+//! data directory started anew) are ignored. Sequence numbers never
+//! restart: a high-water mark ([`SYS_SINK_SEQ`]) is written with every
+//! delete, else an empty outbox after a restart would number new entries
+//! from 0 again, below the last marker.
+//!
+//! Why a marker record and not the consumer-group offset trick
+//! (`send_offsets_to_transaction` committing "offset = next sequence" for
+//! a group on the output topic): both are atomic with the transaction, but
+//! the marker needs no group coordinator, keeps the token next to the
+//! number, and can be tested — librdkafka's mock cluster acknowledges
+//! `TxnOffsetCommit` without storing the offsets, so recovery from a group
+//! offset could never be exercised there. Consumers see exactly once only
+//! with `isolation.level=read_committed` (librdkafka's default).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -133,6 +175,9 @@ impl SinkSpec {
     }
 }
 
+/// A key's deleted and inserted row in one change batch.
+type BeforeAfter = (Option<usize>, Option<usize>);
+
 /// The messages one change batch (rows with weights) means for a sink.
 /// Per key, deletes and inserts of one batch net out: an update is one
 /// message with the new row (UPSERT) or one `u` event (DEBEZIUM).
@@ -166,10 +211,8 @@ pub fn encode(spec: &SinkSpec, data: &RecordBatch, weights: &Int64Array) -> Resu
         SinkEnvelope::Upsert | SinkEnvelope::Debezium => {
             // Per key, in first-seen order: the deleted and inserted rows.
             let mut order: Vec<&Option<Vec<u8>>> = Vec::new();
-            let mut per_key: std::collections::HashMap<
-                &Option<Vec<u8>>,
-                (Option<usize>, Option<usize>),
-            > = std::collections::HashMap::new();
+            let mut per_key: std::collections::HashMap<&Option<Vec<u8>>, BeforeAfter> =
+                std::collections::HashMap::new();
             for (i, k) in keys.iter().enumerate() {
                 let e = per_key.entry(k).or_insert_with(|| {
                     order.push(k);
@@ -560,14 +603,11 @@ fn drain(id: u32, shared: &Shared, mut round: impl FnMut() -> Result<u64, Failur
 
 /// Sends `m` to `topic` (partitioned by key), waiting while the
 /// producer's queue is full.
-fn send_message<C: ProducerContext>(
+fn send_message<C: ProducerContext<DeliveryOpaque = ()>>(
     producer: &BaseProducer<C>,
     topic: &str,
     m: &Message,
-) -> std::result::Result<(), KafkaError>
-where
-    C: ProducerContext<DeliveryOpaque = ()>,
-{
+) -> std::result::Result<(), KafkaError> {
     let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
     if let Some(k) = &m.key {
         rec = rec.key(k.as_slice());

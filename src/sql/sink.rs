@@ -135,10 +135,10 @@ pub async fn create(engine: &Engine, c: &CreateSink) -> Result<Outcome> {
     properties.extend(c.properties.iter().cloned());
     // The transactional id is the writer's to set (and only with EXACTLY
     // ONCE: a transactional producer cannot send outside transactions).
-    let transactional_id = match properties.iter().position(|(k, _)| k == "transactional.id") {
-        Some(i) => Some(properties.remove(i).1),
-        None => None,
-    };
+    let transactional_id = properties
+        .iter()
+        .position(|(k, _)| k == "transactional.id")
+        .map(|i| properties.remove(i).1);
     let exactly_once =
         match (c.exactly_once, transactional_id) {
             (true, transactional_id) => Some(ExactlyOnce {
