@@ -337,10 +337,10 @@ fn read_u64(b: &[u8]) -> Option<u64> {
 /// The sequence number after the last entry of sink `id`, pending or
 /// already sent.
 pub fn next_seq(store: &Store, id: u32) -> Result<u64> {
-    let mut next = store
-        .get(&seq_key(id))?
-        .and_then(|v| read_u64(&v))
-        .unwrap_or(0);
+    // The entries first, then the mark: a writer deleting entries
+    // meanwhile raises the mark in the same batch, so whichever the scan
+    // missed, the later read of the mark sees.
+    let mut next = 0;
     let prefix = outbox_prefix(id);
     store.scan_prefix(&prefix, |k, _| {
         if let Some(s) = k.get(prefix.len()..).and_then(read_u64) {
@@ -348,7 +348,11 @@ pub fn next_seq(store: &Store, id: u32) -> Result<u64> {
         }
         Ok(true)
     })?;
-    Ok(next)
+    let mark = store
+        .get(&seq_key(id))?
+        .and_then(|v| read_u64(&v))
+        .unwrap_or(0);
+    Ok(next.max(mark))
 }
 
 /// Deletes sink `id`'s outbox entries below `next` (Kafka has them) and
