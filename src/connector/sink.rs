@@ -21,7 +21,7 @@
 //! Exactly-once *out of it* (`EXACTLY ONCE`): the writer is a transactional
 //! producer (`transactional.id` = `sluice-sink-<sink id>` unless given as a
 //! property) and every round is one Kafka transaction holding whole outbox
-//! entries (up to [`ROUND_ENTRIES`]; an entry is never split) **and** a
+//! entries (up to 64; an entry is never split) **and** a
 //! progress marker — a record `{"sink": <token>, "next_seq": n}` in the
 //! sink's progress topic (`<transactional.id>-progress`, one partition,
 //! compacted) saying "entries below `n` are in Kafka". The transaction
