@@ -776,3 +776,157 @@ async fn upsert_sink_round_trips_through_kafka_across_kill_9() {
     exec(&c, "DROP SINK big_bids_out").await;
     exec(&c, "DROP MATERIALIZED VIEW big_bids").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_and_csv_sinks_round_trip_through_sources() {
+    let broker = Broker::start();
+    let registry = common::kafka::Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let c = server.connect().await;
+    let cols =
+        "id INT, name TEXT, price NUMERIC(10,2), at TIMESTAMP, ok BOOLEAN, day DATE, n BIGINT";
+    exec(
+        &c,
+        &format!(
+            "CREATE TABLE items (id INT PRIMARY KEY, name TEXT, price NUMERIC(10,2), at TIMESTAMP,
+                                 ok BOOLEAN, day DATE);
+             INSERT INTO items VALUES
+               (1, 'plain', 12.50, '2024-01-02 03:04:05.123456', true, '2024-01-02'),
+               (2, 'a; \"quoted\", text', -0.01, '1969-12-31 23:59:59.999999', false, '1900-03-01'),
+               (3, NULL, NULL, NULL, NULL, NULL);
+             CREATE MATERIALIZED VIEW items_mv AS
+               SELECT id, name, price, at, ok, day, count(*) AS n FROM items
+               GROUP BY id, name, price, at, ok, day;
+             CREATE SINK items_avro FROM items_mv
+               INTO KAFKA (BROKERS '{0}', TOPIC 'items_avro')
+               FORMAT AVRO (SCHEMA REGISTRY '{1}') ENVELOPE UPSERT KEY (id);
+             CREATE SINK items_csv FROM items_mv
+               INTO KAFKA (BROKERS '{0}', TOPIC 'items_csv')
+               FORMAT CSV (DELIMITER ';') ENVELOPE UPSERT KEY (id);
+             CREATE SOURCE avro_back ({cols})
+               FROM KAFKA (BROKERS '{0}', TOPIC 'items_avro')
+               FORMAT AVRO (SCHEMA REGISTRY '{1}') ENVELOPE UPSERT;
+             CREATE SOURCE csv_back ({cols})
+               FROM KAFKA (BROKERS '{0}', TOPIC 'items_csv')
+               FORMAT CSV (DELIMITER ';') ENVELOPE UPSERT;",
+            broker.addr(),
+            registry.url
+        ),
+    )
+    .await;
+    let check = || async {
+        for back in ["avro_back", "csv_back"] {
+            wait_equal(
+                &c,
+                &format!("SELECT id, name, price, at, ok, day, n FROM {back}"),
+                "SELECT * FROM items_mv",
+            )
+            .await;
+        }
+    };
+    check().await;
+    // The registry holds the derived schemas under <topic>-value/-key.
+    {
+        let schemas = registry.schemas.lock().unwrap();
+        let value = &schemas
+            .iter()
+            .find(|s| s.0 == "items_avro-value")
+            .unwrap()
+            .1;
+        assert!(
+            value.contains(r#""logicalType":"timestamp-micros""#),
+            "{value}"
+        );
+        assert!(schemas.iter().any(|s| s.0 == "items_avro-key"));
+    }
+    // Changes: an update, a delete, an insert.
+    exec(
+        &c,
+        "UPDATE items SET price = 99999999.99, name = 'new' WHERE id = 1;
+         DELETE FROM items WHERE id = 2;
+         INSERT INTO items VALUES (4, 'four', 4, '2030-01-01 00:00:00', true, '2030-01-01');",
+    )
+    .await;
+    check().await;
+    assert_eq!(
+        one(&c, "SELECT price FROM avro_back WHERE id = 1").await,
+        "99999999.99"
+    );
+    let sinks = rows(&c, "SHOW SINKS").await;
+    assert!(
+        sinks[0].contains(&format!(
+            "|upsert|avro (registry {})|running|",
+            registry.url
+        )),
+        "{sinks:?}"
+    );
+    assert!(
+        sinks[1].contains("|upsert|csv (delimiter ';')|running|"),
+        "{sinks:?}"
+    );
+
+    // An inline schema that does not hold the columns; TEXT of many columns.
+    let e = err(
+        &c,
+        &format!(
+            "CREATE SINK bad FROM items_mv INTO KAFKA (BROKERS '{}', TOPIC 'bad')
+               FORMAT AVRO (SCHEMA '{{\"type\": \"record\", \"name\": \"r\", \"fields\": [{{\"name\": \"id\", \"type\": \"string\"}}]}}')
+               ENVELOPE UPSERT KEY (id)",
+            broker.addr()
+        ),
+    )
+    .await;
+    assert!(e.starts_with("42804: Avro field \"id\""), "{e}");
+    let e = err(
+        &c,
+        &format!(
+            "CREATE SINK bad FROM items_mv INTO KAFKA (BROKERS '{}', TOPIC 'bad')
+               FORMAT TEXT ENVELOPE UPSERT KEY (id)",
+            broker.addr()
+        ),
+    )
+    .await;
+    assert!(
+        e.starts_with("0A000: FORMAT TEXT writes exactly one"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_sink_writes_in_transactions() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    let c = server.connect().await;
+    exec(
+        &c,
+        &format!(
+            "CREATE TABLE t (id INT PRIMARY KEY, v TEXT);
+             INSERT INTO t VALUES (1, 'a'), (2, 'b');
+             CREATE SINK t_out FROM t INTO KAFKA (BROKERS '{0}', TOPIC 't_out', EXACTLY ONCE)
+               FORMAT JSON ENVELOPE UPSERT KEY (id);
+             CREATE SOURCE t_back (id INT, v TEXT)
+               FROM KAFKA (BROKERS '{0}', TOPIC 't_out') FORMAT JSON ENVELOPE UPSERT;",
+            broker.addr()
+        ),
+    )
+    .await;
+    wait_equal(&c, "SELECT id, v FROM t_back", "SELECT * FROM t").await;
+    exec(
+        &c,
+        "UPDATE t SET v = 'c' WHERE id = 1; DELETE FROM t WHERE id = 2",
+    )
+    .await;
+    wait_equal(&c, "SELECT id, v FROM t_back", "SELECT * FROM t").await;
+    let sinks = rows(&c, "SHOW SINKS").await;
+    assert!(
+        sinks[0].contains("|json, exactly once|running|"),
+        "{sinks:?}"
+    );
+    drop(c);
+    server.restart_kill9();
+    let c = server.connect().await;
+    exec(&c, "INSERT INTO t VALUES (3, 'd')").await;
+    wait_equal(&c, "SELECT id, v FROM t_back", "SELECT * FROM t").await;
+}

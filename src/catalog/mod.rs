@@ -824,6 +824,7 @@ impl Catalog {
                 batch.delete(sys_key(SYS_CATALOG, &k.id.to_be_bytes()));
                 let outbox = crate::connector::sink::outbox_prefix(k.id);
                 batch.delete_range(outbox.clone(), prefix_end(&outbox));
+                batch.delete(crate::connector::sink::seq_key(k.id));
             } else if let Some(v) = state.views.get(name) {
                 batch.delete(sys_key(SYS_CATALOG, &v.def.id.to_be_bytes()));
             } else if let Some(m) = state.mvs.get(name) {

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use apache_avro::types::Value;
@@ -63,6 +63,7 @@ impl Schemas {
 
     /// The fields of one record.
     pub fn decode(&self, payload: &[u8]) -> Result<Vec<(String, Value)>> {
+        let mut fetched = None;
         let value = match &self.inline {
             Some(schema) => read(schema, payload)?,
             None => {
@@ -73,11 +74,18 @@ impl Schemas {
                 };
                 let id = u32::from_be_bytes([*a, *b, *c, *d]);
                 let schema = self.schema(id)?;
-                read(&schema, datum)?
+                let v = read(&schema, datum)?;
+                fetched = Some(schema);
+                v
             }
         };
         match value {
-            Value::Record(fields) => Ok(fields),
+            Value::Record(mut fields) => {
+                if let Some(schema) = fetched.as_ref().or(self.inline.as_ref()) {
+                    decimals_as_text(schema, &mut fields)?;
+                }
+                Ok(fields)
+            }
             other => Err(Error::Decode(format!(
                 "an Avro record was expected, not {other:?}"
             ))),
@@ -106,6 +114,58 @@ impl Schemas {
     }
 }
 
+/// Replaces the record's top-level decimal values by their text: a
+/// decoded `Decimal` is only the unscaled integer, its scale is in the
+/// schema, and a column (numeric, or text) takes the text exactly.
+fn decimals_as_text(schema: &Schema, fields: &mut [(String, Value)]) -> Result<()> {
+    let Schema::Record(r) = schema else {
+        return Ok(());
+    };
+    for (f, (_, v)) in r.fields.iter().zip(fields.iter_mut()) {
+        let (s, v) = match (&f.schema, v) {
+            (Schema::Union(u), Value::Union(i, inner)) => match u.variants().get(*i as usize) {
+                Some(s) => (s, inner.as_mut()),
+                None => continue,
+            },
+            (s, v) => (s, v),
+        };
+        if let (Schema::Decimal(d), Value::Decimal(x)) = (s, &*v) {
+            let bytes = <Vec<u8>>::try_from(x)
+                .map_err(|e| Error::Decode(format!("invalid Avro decimal: {e}")))?;
+            *v = Value::String(decimal_text(&bytes, d.scale)?);
+        }
+    }
+    Ok(())
+}
+
+/// The text of a decimal: big-endian two's complement unscaled bytes and
+/// a scale.
+fn decimal_text(bytes: &[u8], scale: usize) -> Result<String> {
+    if bytes.len() > 16 {
+        return Err(Error::Decode(format!(
+            "Avro decimal of {} bytes is too large",
+            bytes.len()
+        )));
+    }
+    let fill = if bytes.first().is_some_and(|b| b & 0x80 != 0) {
+        0xFF
+    } else {
+        0
+    };
+    let mut b = [fill; 16];
+    b[16 - bytes.len()..].copy_from_slice(bytes);
+    let v = i128::from_be_bytes(b);
+    let digits = v.unsigned_abs().to_string();
+    let digits = format!("{digits:0>width$}", width = scale + 1);
+    let (int, frac) = digits.split_at(digits.len() - scale);
+    let sign = if v < 0 { "-" } else { "" };
+    Ok(if scale == 0 {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    })
+}
+
 #[allow(deprecated)]
 fn read(schema: &Schema, mut datum: &[u8]) -> Result<Value> {
     let v = apache_avro::from_avro_datum(schema, &mut datum, None)
@@ -130,6 +190,34 @@ fn read(schema: &Schema, mut datum: &[u8]) -> Result<Value> {
 /// A blocking HTTP/1.1 GET (the registry is plain HTTP; a failure is an
 /// error the caller records, not a stall: 10 s timeouts).
 fn http_get(base: &str, path: &str) -> Result<String> {
+    http(base, "GET", path, None)
+}
+
+/// Registers `schema` under `subject` (`POST /subjects/{subject}/versions`)
+/// and returns its id. Registering a schema the subject already has
+/// answers that schema's id, so this is idempotent.
+pub fn register(base: &str, subject: &str, schema: &str) -> Result<u32> {
+    let body = serde_json::json!({ "schema": schema }).to_string();
+    let reply = http(
+        base,
+        "POST",
+        &format!("/subjects/{subject}/versions"),
+        Some(&body),
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&reply)
+        .map_err(|e| Error::Connector(format!("schema registry answered {reply:?}: {e}")))?;
+    v.get("id")
+        .and_then(|id| id.as_u64())
+        .and_then(|id| u32::try_from(id).ok())
+        .ok_or_else(|| {
+            Error::Connector(format!(
+                "schema registry {base}: registering subject {subject} answered {reply}"
+            ))
+        })
+}
+
+/// A blocking HTTP/1.1 request, `body` as JSON.
+fn http(base: &str, method: &str, path: &str, body: Option<&str>) -> Result<String> {
     let hostport = base.trim_start_matches("http://");
     let hostport = hostport.split('/').next().unwrap_or(hostport);
     let err = |e: std::io::Error| Error::Connector(format!("schema registry {base}: {e}"));
@@ -138,13 +226,24 @@ fn http_get(base: &str, path: &str) -> Result<String> {
     } else {
         format!("{hostport}:80")
     };
-    let mut stream = TcpStream::connect(&addr).map_err(err)?;
+    let sock = addr
+        .to_socket_addrs()
+        .map_err(err)?
+        .next()
+        .ok_or_else(|| Error::Connector(format!("schema registry {base}: no address")))?;
+    let mut stream = TcpStream::connect_timeout(&sock, Duration::from_secs(10)).map_err(err)?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(err)?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
-    );
+    let request = match body {
+        None => format!(
+            "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+        ),
+        Some(b) => format!(
+            "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nAccept: application/json\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+            b.len()
+        ),
+    };
     stream.write_all(request.as_bytes()).map_err(err)?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).map_err(err)?;
@@ -154,9 +253,13 @@ fn http_get(base: &str, path: &str) -> Result<String> {
         .ok_or_else(|| Error::Connector(format!("schema registry {base}: bad HTTP response")))?;
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
         let status = head.lines().next().unwrap_or_default();
-        return Err(Error::Decode(format!(
-            "schema registry {base}{path}: {status}"
-        )));
+        // A GET fails on a record (decoding); a POST fails the statement.
+        let msg = format!("schema registry {base}{path}: {status} {}", body.trim());
+        return Err(if method == "GET" {
+            Error::Decode(msg)
+        } else {
+            Error::Connector(msg)
+        });
     }
     if head
         .to_ascii_lowercase()
@@ -253,6 +356,57 @@ fn cast(s: ScalarValue, dt: &DataType) -> Result<ScalarValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registers_schemas_and_reads_decimals_as_text() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for stream in listener.incoming().take(2) {
+                let mut stream = stream.unwrap();
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Headers, then the Content-Length body.
+                loop {
+                    let n = stream.read(&mut buf).unwrap();
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Content-Length: "))
+                            .map(|v| v.trim().parse().unwrap())
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            break;
+                        }
+                    }
+                }
+                let req = String::from_utf8_lossy(&req).to_string();
+                let reply = if req.starts_with("POST /subjects/t-value/versions ") {
+                    "HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{\"id\":42}"
+                } else {
+                    "HTTP/1.1 422 Unprocessable\r\nContent-Length: 14\r\n\r\n{\"error\":\"no\"}"
+                };
+                stream.write_all(reply.as_bytes()).unwrap();
+                seen.push(req);
+            }
+            seen
+        });
+        let base = format!("http://127.0.0.1:{port}");
+        assert_eq!(register(&base, "t-value", r#""long""#).unwrap(), 42);
+        let e = register(&base, "t-key", r#""long""#).unwrap_err();
+        assert!(matches!(e, Error::Connector(_)), "{e:?}");
+        assert!(e.to_string().contains("422"), "{e}");
+        let seen = server.join().unwrap();
+        assert!(seen[0].ends_with(r#"{"schema":"\"long\""}"#), "{}", seen[0]);
+
+        assert_eq!(decimal_text(&[0x30, 0x39], 2).unwrap(), "123.45");
+        assert_eq!(decimal_text(&[0xff, 0x85], 3).unwrap(), "-0.123");
+        assert_eq!(decimal_text(&[0x07], 0).unwrap(), "7");
+        assert!(decimal_text(&[1; 17], 0).is_err());
+    }
 
     #[test]
     fn decodes_inline_and_registry_records() {

@@ -11,14 +11,18 @@
 //! The connectors are the built-in [`generator`]s (a counter and Nexmark),
 //! which need no external system, so a fresh Sluice can stream out of the
 //! box, and [`kafka`] topics — also offset-addressed logs, one offset per
-//! partition — decoded by [`mod@format`]. The module knows nothing of SQL or
-//! the catalog; it speaks Arrow.
+//! partition — decoded by [`mod@format`]. Sinks ([`sink`]) write a relation's
+//! changes to Kafka in a [`sink_format`]. The module speaks Arrow and knows
+//! nothing of SQL; only sink formats look at the catalog's column types (an
+//! Avro schema is derived from, and checked against, the declared types)
+//! and write TEXT as the wire layer's PostgreSQL text.
 
 pub mod avro;
 pub mod format;
 pub mod generator;
 pub mod kafka;
 pub mod sink;
+pub mod sink_format;
 
 pub use format::{BadRecord, Envelope, Format, Meta, RecordDecoder};
 pub use generator::{GeneratorSpec, NexmarkTable};

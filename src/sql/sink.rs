@@ -14,8 +14,9 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::catalog::{Relation, SinkDef};
 use crate::connector::sink::{
-    encode, encode_entry, outbox_key, outbox_prefix, SinkEnvelope, SinkSpec,
+    encode, encode_entry, outbox_key, outbox_prefix, ExactlyOnce, SinkEnvelope, SinkSpec,
 };
+use crate::connector::sink_format::SinkFormat;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::query::StoredTable;
@@ -44,6 +45,10 @@ pub struct CreateSink {
     pub envelope: Option<SinkEnvelope>,
     /// `KEY (…)` column names.
     pub key: Vec<String>,
+    /// `FORMAT`, if given (default JSON).
+    pub format: Option<crate::connector::Format>,
+    /// `EXACTLY ONCE`.
+    pub exactly_once: bool,
 }
 
 /// Runs `CREATE SINK`.
@@ -128,6 +133,31 @@ pub async fn create(engine: &Engine, c: &CreateSink) -> Result<Outcome> {
         properties = def.properties;
     }
     properties.extend(c.properties.iter().cloned());
+    // The transactional id is the writer's to set (and only with EXACTLY
+    // ONCE: a transactional producer cannot send outside transactions).
+    let transactional_id = properties
+        .iter()
+        .position(|(k, _)| k == "transactional.id")
+        .map(|i| properties.remove(i).1);
+    let exactly_once =
+        match (c.exactly_once, transactional_id) {
+            (true, transactional_id) => Some(ExactlyOnce {
+                transactional_id,
+                token: new_token(),
+            }),
+            (false, None) => None,
+            (false, Some(_)) => return Err(Error::Syntax(
+                "'transactional.id' is for EXACTLY ONCE sinks: add EXACTLY ONCE to INTO KAFKA (…)"
+                    .into(),
+            )),
+        };
+    let format = SinkFormat::resolve(
+        c.format.as_ref().unwrap_or(&crate::connector::Format::Json),
+        &c.from,
+        &columns,
+        &key,
+        envelope,
+    )?;
     let spec = SinkSpec {
         brokers,
         topic: c.topic.clone(),
@@ -136,10 +166,14 @@ pub async fn create(engine: &Engine, c: &CreateSink) -> Result<Outcome> {
         envelope,
         key,
         partitions: c.partitions,
+        format,
+        exactly_once,
+        encoder: Default::default(),
     };
-    // librdkafka blocks while it contacts the brokers.
-    let check = spec.clone();
-    tokio::task::spawn_blocking(move || check.prepare())
+    // librdkafka blocks while it contacts the brokers (and registers the
+    // Avro schemas).
+    let mut check = spec;
+    let spec = tokio::task::spawn_blocking(move || check.prepare().map(|()| check))
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
     // The snapshot: the relation's rows now, as insertions.
@@ -173,6 +207,16 @@ pub async fn create(engine: &Engine, c: &CreateSink) -> Result<Outcome> {
     Ok(done)
 }
 
+/// A token unique to this sink's creation: the creation time and the
+/// process (see [`ExactlyOnce::token`]).
+fn new_token() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{nanos:x}-{:x}", std::process::id())
+}
+
 /// Runs `DROP SINK`.
 pub async fn drop(engine: &Engine, if_exists: bool, name: &str) -> Result<Outcome> {
     let _writer = engine.writer().await;
@@ -197,13 +241,14 @@ fn show_schema() -> SchemaRef {
         Field::new("from", DataType::Utf8, false),
         Field::new("topic", DataType::Utf8, false),
         Field::new("envelope", DataType::Utf8, false),
+        Field::new("format", DataType::Utf8, false),
         Field::new("state", DataType::Utf8, false),
         Field::new("sent", DataType::UInt64, false),
         Field::new("pending", DataType::UInt64, false),
     ]))
 }
 
-/// Runs `SHOW SINKS`: state, messages sent since start, outbox entries
+/// Runs `SHOW SINKS`: format (and delivery), state, messages sent since start, outbox entries
 /// (commits) not yet acknowledged by Kafka.
 pub fn show(engine: &Engine) -> Result<Outcome> {
     let sinks = engine.catalog.sinks();
@@ -243,6 +288,14 @@ pub fn show(engine: &Engine) -> Result<Outcome> {
                     SinkEnvelope::Debezium => "debezium",
                 }
                 .to_string()
+            }))),
+            Arc::new(StringArray::from_iter_values(sinks.iter().map(|s| {
+                let f = s.spec.format.to_string();
+                if s.spec.exactly_once.is_some() {
+                    format!("{f}, exactly once")
+                } else {
+                    f
+                }
             }))),
             Arc::new(StringArray::from_iter_values(sinks.iter().map(|s| {
                 st(s.id)

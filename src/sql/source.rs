@@ -450,8 +450,9 @@ impl Cursor<'_> {
         })
     }
 
-    /// `CREATE SINK [IF NOT EXISTS] name FROM relation INTO KAFKA (…)
-    /// [FORMAT JSON] [ENVELOPE APPEND | UPSERT | DEBEZIUM] [KEY (col, …)]`.
+    /// `CREATE SINK [IF NOT EXISTS] name FROM relation INTO KAFKA (…
+    /// [, EXACTLY ONCE]) [FORMAT JSON | AVRO [(…)] | CSV [(DELIMITER 'c')] |
+    /// TEXT] [ENVELOPE APPEND | UPSERT | DEBEZIUM] [KEY (col, …)]`.
     fn sink(&mut self) -> Result<SourceStatementKind> {
         let if_not_exists = self.if_not_exists()?;
         let name = self.ident()?;
@@ -464,8 +465,14 @@ impl Cursor<'_> {
         let from = self.ident()?;
         self.expect_keyword("INTO")?;
         self.expect_keyword("KAFKA")?;
-        let (opts, properties) =
-            self.named_options(&["BROKERS", "CONNECTION", "TOPIC", "PARTITIONS"])?;
+        let (opts, properties) = self.named_options(&[
+            "BROKERS",
+            "CONNECTION",
+            "TOPIC",
+            "PARTITIONS",
+            "EXACTLY ONCE",
+        ])?;
+        let exactly_once = opts.iter().any(|(n, _)| n == "EXACTLY ONCE");
         let get = |k: &str| opts.iter().find(|(n, _)| n == k).map(|(_, v)| v);
         let topic = get("TOPIC")
             .map(|v| v.text())
@@ -493,14 +500,18 @@ impl Cursor<'_> {
         };
         let mut envelope = None;
         let mut key = Vec::new();
+        let mut format = None;
         while self.peek().is_some() {
             if self.keyword("FORMAT") {
-                if !self.keyword("JSON") {
-                    return Err(Error::unsupported(format!(
-                        "sinks write FORMAT JSON only for now ({})",
-                        self.found()
-                    )));
+                if format.is_some() {
+                    return Err(Error::Syntax("FORMAT given twice".into()));
                 }
+                if self.keyword("BYTES") {
+                    return Err(Error::unsupported(
+                        "sinks write FORMAT JSON, AVRO, CSV or TEXT",
+                    ));
+                }
+                format = Some(self.format_clause(&["DELIMITER"])?);
             } else if self.keyword("ENVELOPE") {
                 envelope = Some(if self.keyword("APPEND") {
                     crate::connector::sink::SinkEnvelope::Append
@@ -540,6 +551,8 @@ impl Cursor<'_> {
                 properties,
                 envelope,
                 key,
+                format,
+                exactly_once,
             },
         ))
     }
@@ -670,55 +683,16 @@ impl Cursor<'_> {
                 if format.is_some() {
                     return Err(Error::Syntax("FORMAT given twice".into()));
                 }
-                format = Some(if self.keyword("JSON") {
-                    Format::Json
-                } else if self.keyword("CSV") {
-                    let o = self.options(&["DELIMITER", "HEADER"])?;
-                    let header = match o.iter().find(|(k, _)| k == "HEADER") {
-                        None => false,
-                        Some((_, v)) => match v.to_ascii_lowercase().as_str() {
-                            "true" | "on" | "yes" => true,
-                            "false" | "off" | "no" => false,
-                            other => {
-                                return Err(Error::data(
-                                    DataErrorKind::InvalidParameterValue,
-                                    format!("HEADER must be true or false, not '{other}'"),
-                                ))
-                            }
-                        },
-                    };
-                    let delimiter = match o.iter().find(|(k, _)| k == "DELIMITER") {
-                        None => b',',
-                        Some((_, d)) if d.len() == 1 && d.is_ascii() => d.as_bytes()[0],
-                        Some((_, d)) => {
-                            return Err(Error::data(
-                                DataErrorKind::InvalidParameterValue,
-                                format!("DELIMITER must be one ASCII character, not '{d}'"),
-                            ))
-                        }
-                    };
-                    Format::Csv { delimiter, header }
-                } else if self.keyword("TEXT") {
-                    Format::Text
-                } else if self.keyword("BYTES") {
-                    Format::Bytes
-                } else if self.keyword("AVRO") {
-                    let (o, props) = self.named_options(&["SCHEMA", "SCHEMA REGISTRY"])?;
-                    if let Some((k, _)) = props.first() {
-                        return Err(Error::Syntax(format!("unknown AVRO option '{k}'")));
-                    }
-                    let get = |k: &str| o.iter().find(|(n, _)| n == k).map(|(_, v)| v.text());
-                    let (schema, registry) = (get("SCHEMA"), get("SCHEMA REGISTRY"));
+                let f = self.format_clause(&["DELIMITER", "HEADER"])?;
+                if let Format::Avro { schema, registry } = &f {
                     if schema.is_some() == registry.is_some() {
                         return Err(Error::Syntax(
                             "FORMAT AVRO needs exactly one of SCHEMA '…' or SCHEMA REGISTRY 'http://…'"
                                 .into(),
                         ));
                     }
-                    Format::Avro { schema, registry }
-                } else {
-                    return Err(self.error("JSON, CSV, AVRO, TEXT or BYTES"));
-                });
+                }
+                format = Some(f);
             } else if self.keyword("ENVELOPE") {
                 if envelope.is_some() {
                     return Err(Error::Syntax("ENVELOPE given twice".into()));
@@ -826,6 +800,70 @@ impl Cursor<'_> {
         })
     }
 
+    /// `JSON | CSV [(option, …)] | TEXT | BYTES | AVRO [(SCHEMA '…',
+    /// SCHEMA REGISTRY '…')]` after `FORMAT`; the caller checks what its
+    /// statement allows.
+    fn format_clause(&mut self, csv_options: &[&str]) -> Result<Format> {
+        Ok(if self.keyword("JSON") {
+            Format::Json
+        } else if self.keyword("CSV") {
+            let o = self.options(csv_options)?;
+            let header = match o.iter().find(|(k, _)| k == "HEADER") {
+                None => false,
+                Some((_, v)) => match v.to_ascii_lowercase().as_str() {
+                    "true" | "on" | "yes" => true,
+                    "false" | "off" | "no" => false,
+                    other => {
+                        return Err(Error::data(
+                            DataErrorKind::InvalidParameterValue,
+                            format!("HEADER must be true or false, not '{other}'"),
+                        ))
+                    }
+                },
+            };
+            let delimiter = match o.iter().find(|(k, _)| k == "DELIMITER") {
+                None => b',',
+                // A quote or a line break would make lines unreadable.
+                Some((_, d))
+                    if d.len() == 1
+                        && d.is_ascii()
+                        && !matches!(d.as_bytes()[0], b'"' | b'\n' | b'\r') =>
+                {
+                    d.as_bytes()[0]
+                }
+                Some((_, d)) => {
+                    return Err(Error::data(
+                        DataErrorKind::InvalidParameterValue,
+                        format!("DELIMITER must be one ASCII character, not '{d}'"),
+                    ))
+                }
+            };
+            Format::Csv { delimiter, header }
+        } else if self.keyword("TEXT") {
+            Format::Text
+        } else if self.keyword("BYTES") {
+            Format::Bytes
+        } else if self.keyword("AVRO") {
+            if self.peek() != Some(&Token::LParen) {
+                return Ok(Format::Avro {
+                    schema: None,
+                    registry: None,
+                });
+            }
+            let (o, props) = self.named_options(&["SCHEMA", "SCHEMA REGISTRY"])?;
+            if let Some((k, _)) = props.first() {
+                return Err(Error::Syntax(format!("unknown AVRO option '{k}'")));
+            }
+            let get = |k: &str| o.iter().find(|(n, _)| n == k).map(|(_, v)| v.text());
+            Format::Avro {
+                schema: get("SCHEMA"),
+                registry: get("SCHEMA REGISTRY"),
+            }
+        } else {
+            return Err(self.error("JSON, CSV, AVRO, TEXT or BYTES"));
+        })
+    }
+
     /// `( NAME value, … )` where NAME is one of `allowed` (two-word names
     /// like `GROUP ID` included) and a quoted name is a librdkafka property.
     fn named_options(&mut self, allowed: &[&str]) -> Result<KafkaOptions> {
@@ -866,9 +904,13 @@ impl Cursor<'_> {
                 if opts.iter().any(|(k, _)| *k == name) {
                     return Err(Error::Syntax(format!("option {name} given twice")));
                 }
-                self.token(&Token::Eq);
-                let v = self.opt_value(&name)?;
-                opts.push((name, v));
+                if FLAG_OPTIONS.contains(&name.as_str()) {
+                    opts.push((name, OptValue::Text("true".into())));
+                } else {
+                    self.token(&Token::Eq);
+                    let v = self.opt_value(&name)?;
+                    opts.push((name, v));
+                }
             }
             if !self.token(&Token::Comma) {
                 break;
@@ -933,6 +975,9 @@ impl Cursor<'_> {
         Ok(opts.into_iter().map(|(k, v)| (k, v.text())).collect())
     }
 }
+
+/// Options that take no value: present or not.
+const FLAG_OPTIONS: &[&str] = &["EXACTLY ONCE"];
 
 /// Named options and quoted librdkafka properties.
 type KafkaOptions = (Vec<(String, OptValue)>, Vec<(String, String)>);
@@ -1336,6 +1381,74 @@ mod tests {
             Some(Piece::Source(s)) => Ok(s.kind),
             _ => panic!("not ours"),
         }
+    }
+
+    #[test]
+    fn parses_sink_formats_and_exactly_once() {
+        let sink = |sql: &str| match one(sql) {
+            Ok(SourceStatementKind::CreateSink(c)) => Ok(c),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        let c = sink(
+            "CREATE SINK s FROM v INTO KAFKA (BROKERS 'b', TOPIC 't', EXACTLY ONCE,
+               'transactional.id' 'x') FORMAT AVRO (SCHEMA REGISTRY 'http://r:1') KEY (k)",
+        )
+        .unwrap();
+        assert!(c.exactly_once);
+        assert_eq!(c.properties, vec![("transactional.id".into(), "x".into())]);
+        assert_eq!(
+            c.format,
+            Some(Format::Avro {
+                schema: None,
+                registry: Some("http://r:1".into())
+            })
+        );
+        assert_eq!(c.key, vec!["k".to_string()]);
+        let c =
+            sink("CREATE SINK s FROM v INTO KAFKA (BROKERS 'b', TOPIC 't') FORMAT AVRO").unwrap();
+        assert!(!c.exactly_once);
+        assert_eq!(
+            c.format,
+            Some(Format::Avro {
+                schema: None,
+                registry: None
+            })
+        );
+        let c = sink(
+            "CREATE SINK s FROM v INTO KAFKA (BROKERS 'b', TOPIC 't') FORMAT CSV (DELIMITER '|') ENVELOPE APPEND",
+        )
+        .unwrap();
+        assert_eq!(
+            c.format,
+            Some(Format::Csv {
+                delimiter: b'|',
+                header: false
+            })
+        );
+        let c =
+            sink("CREATE SINK s FROM v INTO KAFKA (BROKERS 'b', TOPIC 't') FORMAT TEXT").unwrap();
+        assert_eq!(c.format, Some(Format::Text));
+        let c = sink("CREATE SINK s FROM v INTO KAFKA (BROKERS 'b', TOPIC 't')").unwrap();
+        assert_eq!(c.format, None);
+        for (sql, want) in [
+            ("FORMAT BYTES", "JSON, AVRO, CSV or TEXT"),
+            ("FORMAT CSV (HEADER true)", "unknown option HEADER"),
+            ("FORMAT CSV (DELIMITER '\"')", "DELIMITER must be"),
+            ("FORMAT JSON FORMAT JSON", "FORMAT given twice"),
+            ("FORMAT AVRO (SCHEMA)", "a value for SCHEMA"),
+        ] {
+            let e = sink(&format!(
+                "CREATE SINK s FROM v INTO KAFKA (BROKERS 'b', TOPIC 't') {sql}"
+            ))
+            .unwrap_err();
+            assert!(e.to_string().contains(want), "{sql}: {e}");
+        }
+        let e = sink(
+            "CREATE SINK s FROM v INTO KAFKA (BROKERS 'b', TOPIC 't', EXACTLY ONCE, EXACTLY ONCE)",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("given twice"), "{e}");
     }
 
     #[test]

@@ -384,3 +384,94 @@ impl Producer1 {
         self.0.flush(Duration::from_secs(60)).expect("flush");
     }
 }
+
+/// A tiny Confluent schema registry (`POST /subjects/{s}/versions`,
+/// `GET /schemas/ids/{id}`) on a free port, in a thread; it lives as long
+/// as the test process.
+pub struct Registry {
+    /// `http://127.0.0.1:port`.
+    pub url: String,
+    /// (subject, schema) by id - 1.
+    pub schemas: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl Registry {
+    /// Starts it.
+    pub fn start() -> Registry {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind registry");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let schemas = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+        let store = schemas.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut req = Vec::new();
+                let mut buf = [0u8; 8192];
+                // The head, then Content-Length bytes of body.
+                let (head, body) = loop {
+                    let Ok(n) = stream.read(&mut buf) else {
+                        break (String::new(), String::new());
+                    };
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= len || n == 0 {
+                            break (head.to_string(), body.to_string());
+                        }
+                    } else if n == 0 {
+                        break (text, String::new());
+                    }
+                };
+                let line = head.lines().next().unwrap_or_default().to_string();
+                let path = line.split_whitespace().nth(1).unwrap_or_default();
+                let (status, reply) = if let Some(subject) = path
+                    .strip_prefix("/subjects/")
+                    .and_then(|p| p.strip_suffix("/versions"))
+                    .filter(|_| line.starts_with("POST"))
+                {
+                    let schema = serde_json::from_str::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v["schema"].as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    let mut s = store.lock().expect("registry lock");
+                    let id = match s.iter().position(|x| x.0 == subject && x.1 == schema) {
+                        Some(i) => i + 1,
+                        None => {
+                            s.push((subject.to_string(), schema));
+                            s.len()
+                        }
+                    };
+                    ("200 OK", serde_json::json!({ "id": id }).to_string())
+                } else if let Some(id) = path
+                    .strip_prefix("/schemas/ids/")
+                    .and_then(|i| i.parse::<usize>().ok())
+                {
+                    match store.lock().expect("registry lock").get(id.wrapping_sub(1)) {
+                        Some((_, schema)) => (
+                            "200 OK",
+                            serde_json::json!({ "schema": schema }).to_string(),
+                        ),
+                        None => ("404 Not Found", r#"{"error_code":40403}"#.to_string()),
+                    }
+                } else {
+                    ("404 Not Found", "{}".to_string())
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                    reply.len()
+                );
+            }
+        });
+        Registry { url, schemas }
+    }
+}
