@@ -19,6 +19,10 @@
 //!                                                   └─ state     (RocksDB store, key encoding)
 //! ```
 //!
+//! Leaf modules import none of these and serve every layer: [`error`], and
+//! [`pgtext`], the PostgreSQL text form of Arrow values that the wire layer
+//! sends and Kafka sinks write.
+//!
 //! ## Life of a SELECT
 //!
 //! `psql` sends `SELECT name FROM users WHERE id = 7`:
@@ -115,6 +119,7 @@ pub mod dataflow;
 pub mod engine;
 pub mod epoch;
 pub mod error;
+pub mod pgtext;
 pub mod planner;
 pub mod query;
 pub mod server;

@@ -320,7 +320,7 @@ pub(super) fn text_rows(batch: &datafusion::arrow::array::RecordBatch) -> Option
         let mut data = bytes::BytesMut::new();
         for col in batch.columns() {
             cell.clear();
-            if super::text::write_value(col, r, &mut cell)? {
+            if crate::pgtext::write_value(col, r, &mut cell)? {
                 data.extend_from_slice(&(cell.len() as i32).to_be_bytes());
                 data.extend_from_slice(cell.as_bytes());
             } else {

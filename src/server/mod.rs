@@ -10,7 +10,6 @@
 pub mod errors;
 pub mod handler;
 pub mod stream;
-pub mod text;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -182,7 +182,7 @@ fn lines(b: &RecordBatch, options: &CopyOptions) -> Vec<String> {
 
 /// The value's PostgreSQL text; false for NULL.
 fn value_text(col: &ArrayRef, row: usize, out: &mut String) -> bool {
-    match super::text::write_value(col, row, out) {
+    match crate::pgtext::write_value(col, row, out) {
         Some(present) => present,
         None => match array_value_to_string(col, row) {
             Ok(s) => {

@@ -1,10 +1,16 @@
-//! PostgreSQL's text output format for Arrow values.
+//! The PostgreSQL text form of Arrow values, shared by the wire layer and
+//! the connectors.
 //!
 //! pgwire's generic text encoders differ from PostgreSQL in details users
 //! see in `psql` (`90.0` for the float 90, `13:45:30.500000` for a time,
 //! `inf`), so result sets sent entirely in text format are encoded here, the
-//! way PostgreSQL's `*out` functions print them. Binary format goes through
-//! `arrow-pg`, whose binary encodings are exact.
+//! way PostgreSQL's `*out` functions print them (binary format goes through
+//! `arrow-pg`, whose binary encodings are exact). Kafka sinks write `FORMAT
+//! TEXT` with the same function, so a value reads the same in `psql` and in
+//! a topic.
+//!
+//! A leaf module: it knows Arrow and nothing of Sluice, so every layer may
+//! use it.
 
 use std::fmt::Write;
 
