@@ -13,9 +13,11 @@
 //! box, and [`kafka`] topics — also offset-addressed logs, one offset per
 //! partition — decoded by [`mod@format`]. Sinks ([`sink`]) write a relation's
 //! changes to Kafka in a [`sink_format`]. The module speaks Arrow and knows
-//! nothing of SQL; only sink formats look at the catalog's column types (an
-//! Avro schema is derived from, and checked against, the declared types)
-//! and write TEXT as the wire layer's PostgreSQL text.
+//! nothing of SQL: it imports neither the catalog (which imports connector
+//! types) nor any layer above. Sink formats work from a relation's Arrow
+//! schema (an Avro schema is derived from, and checked against, its fields'
+//! types) and write TEXT with the leaf [`crate::pgtext`], the PostgreSQL
+//! text form the wire layer sends too.
 
 pub mod avro;
 pub mod format;

@@ -14,6 +14,10 @@
 //! - `TEXT`: the one non-key column's PostgreSQL text; a key is the one key
 //!   column's text.
 //!
+//! Formats work from the relation's Arrow schema (names, types,
+//! nullability); the SQL layer builds it from the catalog's column types,
+//! whose Arrow types are what this module maps to Avro.
+//!
 //! A format is resolved once, at `CREATE SINK` ([`SinkFormat::resolve`]):
 //! schemas are derived or checked there, so that encoding a committed change
 //! — which happens on the commit path, where an error would fail the user's
@@ -26,16 +30,14 @@ use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::{Decimal, Schema};
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{
-    DataType, Date32Type, Decimal128Type, Float32Type, Float64Type, Int16Type, Int32Type,
-    Int64Type, Time64MicrosecondType, TimeUnit, TimestampMicrosecondType,
+    DataType, Date32Type, Decimal128Type, Fields, Float32Type, Float64Type, Int16Type, Int32Type,
+    Int64Type, Schema as ArrowSchema, Time64MicrosecondType, TimeUnit, TimestampMicrosecondType,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::format::Format;
 use super::sink::SinkEnvelope;
-use crate::catalog::types::SqlType;
-use crate::catalog::ColumnDef;
 use crate::error::{Error, Result};
 
 /// How a sink writes rows, resolved at `CREATE SINK` and stored with it.
@@ -95,17 +97,18 @@ impl std::fmt::Display for SinkFormat {
 }
 
 impl SinkFormat {
-    /// Resolves a `FORMAT` clause for a sink of relation `name` with
-    /// `columns`, keyed by the columns at `key`: derives or checks the Avro
-    /// schemas, picks the TEXT column, refuses what the format cannot
+    /// Resolves a `FORMAT` clause for a sink of relation `name` whose rows
+    /// have `arrow_schema`, keyed by the columns at `key`: derives or checks the
+    /// Avro schemas, picks the TEXT column, refuses what the format cannot
     /// represent.
     pub fn resolve(
         clause: &Format,
         name: &str,
-        columns: &[ColumnDef],
+        arrow_schema: &ArrowSchema,
         key: &[usize],
         envelope: SinkEnvelope,
     ) -> Result<SinkFormat> {
+        let columns = arrow_schema.fields();
         if envelope == SinkEnvelope::Debezium
             && !matches!(clause, Format::Json | Format::Avro { .. })
         {
@@ -117,10 +120,13 @@ impl SinkFormat {
         Ok(match clause {
             Format::Json => SinkFormat::Json,
             Format::Csv { delimiter, .. } => {
-                if let Some(c) = columns.iter().find(|c| matches!(c.ty, SqlType::Array(_))) {
+                if let Some(c) = columns
+                    .iter()
+                    .find(|c| matches!(c.data_type(), DataType::List(_) | DataType::LargeList(_)))
+                {
                     return Err(Error::unsupported(format!(
                         "FORMAT CSV cannot write the array column \"{}\"",
-                        c.name
+                        c.name()
                     )));
                 }
                 SinkFormat::Csv {
@@ -143,10 +149,10 @@ impl SinkFormat {
                 let c = &columns[*value];
                 // A NULL has no text, and a null Kafka value would read as a
                 // tombstone (a delete).
-                if c.nullable {
+                if c.is_nullable() {
                     return Err(Error::unsupported(format!(
                         "FORMAT TEXT cannot write NULLs, and column \"{}\" is nullable; sink a view selecting coalesce({0}, …) instead",
-                        c.name
+                        c.name()
                     )));
                 }
                 SinkFormat::Text { value: *value }
@@ -212,56 +218,89 @@ fn avro_name(name: &str) -> String {
 }
 
 /// The Avro type of a column's values (without the null of a nullable
-/// column).
-fn avro_type(ty: &SqlType) -> Result<serde_json::Value> {
+/// column). Covers every Arrow type a catalog column type has (`text`,
+/// `varchar`, `json` and `jsonb` are all `Utf8`, hence `string`; a
+/// `timestamptz` is a UTC instant, so with or without a zone a timestamp is
+/// `timestamp-micros`).
+fn avro_type(ty: &DataType) -> Result<serde_json::Value> {
     Ok(match ty {
-        SqlType::Bool => json!("boolean"),
-        SqlType::Int2 | SqlType::Int4 => json!("int"),
-        SqlType::Int8 => json!("long"),
-        SqlType::Float4 => json!("float"),
-        SqlType::Float8 => json!("double"),
-        SqlType::Numeric { precision, scale } => json!({
+        DataType::Boolean => json!("boolean"),
+        DataType::Int16 | DataType::Int32 => json!("int"),
+        DataType::Int64 => json!("long"),
+        DataType::Float32 => json!("float"),
+        DataType::Float64 => json!("double"),
+        DataType::Decimal128(precision, scale) if *scale >= 0 => json!({
             "type": "bytes", "logicalType": "decimal",
             "precision": precision, "scale": scale,
         }),
-        SqlType::Text | SqlType::Varchar(_) | SqlType::Json | SqlType::Jsonb => json!("string"),
-        SqlType::Bytea => json!("bytes"),
-        SqlType::Date => json!({"type": "int", "logicalType": "date"}),
-        SqlType::Time => json!({"type": "long", "logicalType": "time-micros"}),
-        SqlType::Timestamp | SqlType::TimestampTz => {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => json!("string"),
+        DataType::Binary => json!("bytes"),
+        DataType::Date32 => json!({"type": "int", "logicalType": "date"}),
+        DataType::Time64(TimeUnit::Microsecond) => {
+            json!({"type": "long", "logicalType": "time-micros"})
+        }
+        DataType::Timestamp(TimeUnit::Microsecond, _) => {
             json!({"type": "long", "logicalType": "timestamp-micros"})
         }
-        SqlType::Array(inner) => json!({"type": "array", "items": ["null", avro_type(inner)?]}),
-        SqlType::Interval => {
+        DataType::List(item) => {
+            json!({"type": "array", "items": ["null", avro_type(item.data_type())?]})
+        }
+        DataType::Interval(_) => {
             // Avro's `duration` holds milliseconds: an interval's
             // microseconds would be lost.
             return Err(Error::unsupported(
                 "FORMAT AVRO cannot write interval columns; sink a view casting them to text",
             ));
         }
+        other => {
+            return Err(Error::unsupported(format!(
+                "FORMAT AVRO cannot write columns of type {}",
+                pg_type_name(other)
+            )))
+        }
     })
 }
 
+/// The name PostgreSQL prints for the column type with values of Arrow
+/// type `ty` (`text` for every string: `varchar`, `json` and `jsonb`
+/// columns are `Utf8` too), for messages.
+fn pg_type_name(ty: &DataType) -> String {
+    match ty {
+        DataType::Boolean => "boolean".into(),
+        DataType::Int16 => "smallint".into(),
+        DataType::Int32 => "integer".into(),
+        DataType::Int64 => "bigint".into(),
+        DataType::Float32 => "real".into(),
+        DataType::Float64 => "double precision".into(),
+        DataType::Decimal128(p, s) => format!("numeric({p},{s})"),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "text".into(),
+        DataType::Binary => "bytea".into(),
+        DataType::Date32 => "date".into(),
+        DataType::Time64(_) => "time without time zone".into(),
+        DataType::Timestamp(_, None) => "timestamp without time zone".into(),
+        DataType::Timestamp(_, Some(_)) => "timestamp with time zone".into(),
+        DataType::Interval(_) => "interval".into(),
+        DataType::List(item) => format!("{}[]", pg_type_name(item.data_type())),
+        other => other.to_string(),
+    }
+}
+
 /// A record schema of the columns at `indices`.
-fn derive_record(
-    name: &str,
-    columns: &[ColumnDef],
-    indices: &[usize],
-) -> Result<serde_json::Value> {
+fn derive_record(name: &str, columns: &Fields, indices: &[usize]) -> Result<serde_json::Value> {
     let mut fields = Vec::with_capacity(indices.len());
     for &i in indices {
         let c = &columns[i];
-        if avro_name(&c.name) != c.name {
+        if avro_name(c.name()) != *c.name() {
             return Err(Error::unsupported(format!(
                 "column \"{}\" is not a valid Avro field name; rename it in a view",
-                c.name
+                c.name()
             )));
         }
-        let t = avro_type(&c.ty)?;
-        fields.push(if c.nullable {
-            json!({"name": c.name, "type": ["null", t], "default": null})
+        let t = avro_type(c.data_type())?;
+        fields.push(if c.is_nullable() {
+            json!({"name": c.name(), "type": ["null", t], "default": null})
         } else {
-            json!({"name": c.name, "type": t})
+            json!({"name": c.name(), "type": t})
         });
     }
     Ok(json!({"type": "record", "name": name, "fields": fields}))
@@ -297,13 +336,13 @@ fn debezium_schema(row: &str, record: &str) -> Result<String> {
 /// one field per column, by name, each of a type that holds the column's
 /// values exactly (and a union with null for a nullable column). Returns
 /// the column of each field.
-fn check_row_schema(s: &Schema, columns: &[ColumnDef]) -> Result<Vec<usize>> {
+fn check_row_schema(s: &Schema, columns: &Fields) -> Result<Vec<usize>> {
     let Schema::Record(r) = s else {
         return Err(Error::Plan("the Avro schema must be a record".into()));
     };
     let mut mapping = Vec::with_capacity(r.fields.len());
     for f in &r.fields {
-        let Some(i) = columns.iter().position(|c| c.name == f.name) else {
+        let Some(i) = columns.iter().position(|c| *c.name() == f.name) else {
             return Err(Error::Plan(format!(
                 "Avro field \"{}\" is not a column of the relation",
                 f.name
@@ -311,14 +350,14 @@ fn check_row_schema(s: &Schema, columns: &[ColumnDef]) -> Result<Vec<usize>> {
         };
         mapping.push(i);
         let c = &columns[i];
-        if !fits_field(&c.ty, c.nullable, &f.schema) {
+        if !fits_field(c.data_type(), c.is_nullable(), &f.schema) {
             return Err(Error::Plan(format!(
                 "Avro field \"{}\" of type {} does not hold column \"{}\" of type {}{}",
                 f.name,
                 serde_json::to_string(&f.schema).unwrap_or_default(),
-                c.name,
-                c.ty.pg_name(),
-                if c.nullable {
+                c.name(),
+                pg_type_name(c.data_type()),
+                if c.is_nullable() {
                     " (nullable: the field needs a union with \"null\")"
                 } else {
                     ""
@@ -328,11 +367,11 @@ fn check_row_schema(s: &Schema, columns: &[ColumnDef]) -> Result<Vec<usize>> {
     }
     if let Some(c) = columns
         .iter()
-        .find(|c| !r.fields.iter().any(|f| f.name == c.name))
+        .find(|c| !r.fields.iter().any(|f| f.name == *c.name()))
     {
         return Err(Error::Plan(format!(
             "column \"{}\" has no field in the Avro schema",
-            c.name
+            c.name()
         )));
     }
     Ok(mapping)
@@ -353,7 +392,7 @@ fn nullable_branch(u: &UnionSchema) -> Option<(usize, &Schema, bool)> {
     Some((i, s, vs.iter().any(|v| matches!(v, Schema::Null))))
 }
 
-fn fits_field(ty: &SqlType, nullable: bool, s: &Schema) -> bool {
+fn fits_field(ty: &DataType, nullable: bool, s: &Schema) -> bool {
     match s {
         Schema::Union(u) => match nullable_branch(u) {
             Some((_, inner, has_null)) => (has_null || !nullable) && fits(ty, inner),
@@ -363,26 +402,27 @@ fn fits_field(ty: &SqlType, nullable: bool, s: &Schema) -> bool {
     }
 }
 
-fn fits(ty: &SqlType, s: &Schema) -> bool {
-    use SqlType as T;
+fn fits(ty: &DataType, s: &Schema) -> bool {
+    use DataType as T;
     match (ty, s) {
-        (T::Bool, Schema::Boolean) => true,
-        (T::Int2 | T::Int4, Schema::Int | Schema::Long) => true,
-        (T::Int8, Schema::Long) => true,
-        (T::Float4, Schema::Float | Schema::Double) => true,
-        (T::Float8, Schema::Double) => true,
-        (T::Numeric { precision, scale }, Schema::Decimal(d)) => {
-            d.scale == *scale as usize && d.precision >= *precision as usize
+        (T::Boolean, Schema::Boolean) => true,
+        (T::Int16 | T::Int32, Schema::Int | Schema::Long) => true,
+        (T::Int64, Schema::Long) => true,
+        (T::Float32, Schema::Float | Schema::Double) => true,
+        (T::Float64, Schema::Double) => true,
+        (T::Decimal128(precision, scale), Schema::Decimal(d)) => {
+            *scale >= 0 && d.scale == *scale as usize && d.precision >= *precision as usize
         }
-        (T::Text | T::Varchar(_) | T::Json | T::Jsonb, Schema::String) => true,
-        (T::Bytea, Schema::Bytes) => true,
-        (T::Date, Schema::Date) => true,
-        (T::Time, Schema::TimeMicros) => true,
-        (T::Timestamp | T::TimestampTz, Schema::TimestampMicros | Schema::LocalTimestampMicros) => {
-            true
-        }
+        (T::Utf8 | T::LargeUtf8 | T::Utf8View, Schema::String) => true,
+        (T::Binary, Schema::Bytes) => true,
+        (T::Date32, Schema::Date) => true,
+        (T::Time64(TimeUnit::Microsecond), Schema::TimeMicros) => true,
+        (
+            T::Timestamp(TimeUnit::Microsecond, _),
+            Schema::TimestampMicros | Schema::LocalTimestampMicros,
+        ) => true,
         // Array elements can be NULL.
-        (T::Array(inner), Schema::Array(a)) => fits_field(inner, true, &a.items),
+        (T::List(item), Schema::Array(a)) => fits_field(item.data_type(), true, &a.items),
         _ => false,
     }
 }
@@ -650,6 +690,12 @@ fn to_avro(col: &ArrayRef, row: usize, s: &Schema) -> Result<Value> {
         (Schema::String, DataType::Utf8) => {
             Value::String(col.as_string::<i32>().value(row).to_string())
         }
+        (Schema::String, DataType::LargeUtf8) => {
+            Value::String(col.as_string::<i64>().value(row).to_string())
+        }
+        (Schema::String, DataType::Utf8View) => {
+            Value::String(col.as_string_view().value(row).to_string())
+        }
         (Schema::Bytes, DataType::Binary) => {
             Value::Bytes(col.as_binary::<i32>().value(row).to_vec())
         }
@@ -781,51 +827,43 @@ mod tests {
         Int16Array, Int32Array, Int64Array, ListArray, StringArray, Time64MicrosecondArray,
         TimestampMicrosecondArray,
     };
-    use datafusion::arrow::datatypes::{Field, Schema as ArrowSchema};
+    use datafusion::arrow::datatypes::{Field, IntervalUnit, Schema as ArrowSchema, SchemaRef};
 
     use super::*;
     use crate::connector::format::{Decoded, RecordDecoder, RecordRef};
 
-    fn col(name: &str, ty: SqlType, nullable: bool) -> ColumnDef {
-        ColumnDef {
-            name: name.into(),
-            ty,
-            nullable,
-        }
+    fn col(name: &str, ty: DataType, nullable: bool) -> Field {
+        Field::new(name, ty, nullable)
     }
 
-    /// Every type a sink writes, two rows: values, then NULLs where allowed.
-    fn table() -> (Vec<ColumnDef>, RecordBatch) {
-        let columns = vec![
-            col("id", SqlType::Int4, false),
-            col("flag", SqlType::Bool, true),
-            col("small", SqlType::Int2, true),
-            col("big", SqlType::Int8, true),
-            col("r", SqlType::Float4, true),
-            col("d", SqlType::Float8, true),
+    fn list(item: DataType) -> DataType {
+        DataType::List(Arc::new(Field::new_list_field(item, true)))
+    }
+
+    /// Every type a sink writes (the Arrow types of the catalog's column
+    /// types), two rows: values, then NULLs where allowed.
+    fn table() -> (SchemaRef, RecordBatch) {
+        let columns = Arc::new(ArrowSchema::new(vec![
+            col("id", DataType::Int32, false),
+            col("flag", DataType::Boolean, true),
+            col("small", DataType::Int16, true),
+            col("big", DataType::Int64, true),
+            col("r", DataType::Float32, true),
+            col("d", DataType::Float64, true),
+            col("price", DataType::Decimal128(10, 2), true),
+            col("name", DataType::Utf8, true),
+            col("raw", DataType::Binary, true),
+            col("day", DataType::Date32, true),
+            col("at_time", DataType::Time64(TimeUnit::Microsecond), true),
+            col("ts", DataType::Timestamp(TimeUnit::Microsecond, None), true),
             col(
-                "price",
-                SqlType::Numeric {
-                    precision: 10,
-                    scale: 2,
-                },
+                "tstz",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into())),
                 true,
             ),
-            col("name", SqlType::Text, true),
-            col("raw", SqlType::Bytea, true),
-            col("day", SqlType::Date, true),
-            col("at_time", SqlType::Time, true),
-            col("ts", SqlType::Timestamp, true),
-            col("tstz", SqlType::TimestampTz, true),
-        ];
-        let schema = Arc::new(ArrowSchema::new(
-            columns
-                .iter()
-                .map(|c| Field::new(&c.name, c.ty.arrow_type(), c.nullable))
-                .collect::<Vec<_>>(),
-        ));
+        ]));
         let batch = RecordBatch::try_new(
-            schema,
+            columns.clone(),
             vec![
                 Arc::new(Int32Array::from(vec![1, 2])),
                 Arc::new(BooleanArray::from(vec![Some(true), None])),
@@ -969,10 +1007,10 @@ mod tests {
 
     #[test]
     fn avro_user_schemas_are_checked_against_the_columns() {
-        let columns = vec![
-            col("k", SqlType::Int8, false),
-            col("v", SqlType::Text, true),
-        ];
+        let columns = ArrowSchema::new(vec![
+            col("k", DataType::Int64, false),
+            col("v", DataType::Utf8, true),
+        ]);
         let resolve = |s: &str| {
             SinkFormat::resolve(
                 &avro_clause(Some(s)),
@@ -990,10 +1028,7 @@ mod tests {
         // Fields map to columns by name, in the schema's order.
         assert_eq!(a.row_columns, vec![1, 0]);
         let batch = RecordBatch::try_new(
-            Arc::new(ArrowSchema::new(vec![
-                Field::new("k", DataType::Int64, false),
-                Field::new("v", DataType::Utf8, true),
-            ])),
+            Arc::new(columns.clone()),
             vec![
                 Arc::new(Int64Array::from(vec![5])),
                 Arc::new(StringArray::from(vec![None::<&str>])),
@@ -1042,7 +1077,11 @@ mod tests {
         let e = SinkFormat::resolve(
             &avro_clause(None),
             "t",
-            &[col("i", SqlType::Interval, true)],
+            &ArrowSchema::new(vec![col(
+                "i",
+                DataType::Interval(IntervalUnit::MonthDayNano),
+                true,
+            )]),
             &[],
             SinkEnvelope::Append,
         )
@@ -1051,7 +1090,7 @@ mod tests {
         let e = SinkFormat::resolve(
             &avro_clause(None),
             "t",
-            &[col("a b", SqlType::Int4, true)],
+            &ArrowSchema::new(vec![col("a b", DataType::Int32, true)]),
             &[],
             SinkEnvelope::Append,
         )
@@ -1061,10 +1100,10 @@ mod tests {
 
     #[test]
     fn avro_debezium_and_registry_framing() {
-        let columns = vec![
-            col("k", SqlType::Int4, false),
-            col("tags", SqlType::Array(Box::new(SqlType::Text)), true),
-        ];
+        let columns = ArrowSchema::new(vec![
+            col("k", DataType::Int32, false),
+            col("tags", list(DataType::Utf8), true),
+        ]);
         let f = SinkFormat::resolve(
             &avro_clause(None),
             "t",
@@ -1131,8 +1170,13 @@ mod tests {
         let (columns, batch) = table();
         // arrow-csv's reader has no binary or time columns: those are
         // checked as text below.
-        let keep: Vec<usize> = (0..columns.len())
-            .filter(|&i| !matches!(columns[i].ty, SqlType::Bytea | SqlType::Time))
+        let keep: Vec<usize> = (0..columns.fields().len())
+            .filter(|&i| {
+                !matches!(
+                    columns.field(i).data_type(),
+                    DataType::Binary | DataType::Time64(_)
+                )
+            })
             .collect();
         let batch = batch.project(&keep).unwrap();
         let f = SinkFormat::resolve(
@@ -1208,7 +1252,7 @@ mod tests {
                 header: false
             },
             "t",
-            &[col("a", SqlType::Array(Box::new(SqlType::Int4)), true)],
+            &ArrowSchema::new(vec![col("a", list(DataType::Int32), true)]),
             &[],
             SinkEnvelope::Append,
         )
@@ -1218,7 +1262,10 @@ mod tests {
     #[test]
     fn text_writes_one_column_and_refuses_more() {
         let (columns, batch) = table();
-        let cols = vec![columns[0].clone(), col("name", SqlType::Text, false)];
+        let cols = ArrowSchema::new(vec![
+            columns.field(0).clone(),
+            col("name", DataType::Utf8, false),
+        ]);
         let b = RecordBatch::try_new(
             Arc::new(ArrowSchema::new(vec![
                 Field::new("id", DataType::Int32, false),
@@ -1252,7 +1299,7 @@ mod tests {
         for (cols, key, want) in [
             (cols.clone(), vec![], "exactly one non-key column"),
             (
-                vec![columns[0].clone(), columns[7].clone()],
+                ArrowSchema::new(vec![columns.field(0).clone(), columns.field(7).clone()]),
                 vec![0],
                 "cannot write NULLs",
             ),

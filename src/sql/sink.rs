@@ -154,7 +154,7 @@ pub async fn create(engine: &Engine, c: &CreateSink) -> Result<Outcome> {
     let format = SinkFormat::resolve(
         c.format.as_ref().unwrap_or(&crate::connector::Format::Json),
         &c.from,
-        &columns,
+        &table.schema,
         &key,
         envelope,
     )?;
@@ -314,4 +314,80 @@ pub fn show(engine: &Engine) -> Result<Outcome> {
         names: None,
         tag: "SHOW",
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::types::SqlType;
+    use crate::connector::Format;
+
+    /// Sink formats see a relation's Arrow schema: every column type maps to
+    /// an Arrow type they write — except an interval in Avro (its
+    /// microseconds do not fit Avro's `duration`) and an array in CSV — and
+    /// a derived Avro schema passes the check of a user's schema.
+    #[test]
+    fn sink_formats_write_every_column_type() {
+        use SqlType as T;
+        let scalars = [
+            T::Bool,
+            T::Int2,
+            T::Int4,
+            T::Int8,
+            T::Float4,
+            T::Float8,
+            T::Numeric {
+                precision: 12,
+                scale: 3,
+            },
+            T::Text,
+            T::Varchar(None),
+            T::Varchar(Some(5)),
+            T::Bytea,
+            T::Date,
+            T::Time,
+            T::Timestamp,
+            T::TimestampTz,
+            T::Interval,
+            T::Json,
+            T::Jsonb,
+        ];
+        let types = scalars
+            .iter()
+            .flat_map(|t| [t.clone(), T::Array(Box::new(t.clone()))]);
+        for ty in types {
+            let interval = matches!(&ty, T::Interval)
+                || matches!(&ty, T::Array(inner) if **inner == T::Interval);
+            let array = matches!(ty, T::Array(_));
+            let schema = Schema::new(vec![
+                Field::new("k", SqlType::Int4.arrow_type(), false),
+                Field::new("v", ty.arrow_type(), false),
+            ]);
+            let avro = Format::Avro {
+                schema: None,
+                registry: None,
+            };
+            let csv = Format::Csv {
+                delimiter: b',',
+                header: false,
+            };
+            for (format, refused) in [
+                (Format::Json, false),
+                (avro, interval),
+                (csv, array),
+                (Format::Text, false),
+            ] {
+                let r = SinkFormat::resolve(&format, "t", &schema, &[0], SinkEnvelope::Upsert);
+                assert_eq!(r.is_err(), refused, "{ty:?} as {format}: {r:?}");
+                if let Ok(SinkFormat::Avro(a)) = r {
+                    let given = Format::Avro {
+                        schema: Some(a.value_schema),
+                        registry: None,
+                    };
+                    SinkFormat::resolve(&given, "t", &schema, &[0], SinkEnvelope::Upsert)
+                        .unwrap_or_else(|e| panic!("{ty:?}: {e}"));
+                }
+            }
+        }
+    }
 }
