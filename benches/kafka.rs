@@ -125,6 +125,14 @@ fn raw_consume(addr: &str, topic: &str, n: u64) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// The engine's configuration: defaults (fsync on), or `BENCH_FSYNC=0`
+/// to see what the log's fsyncs cost.
+fn config(dir: &std::path::Path) -> Config {
+    let mut c = Config::for_data_dir(dir);
+    c.fsync = std::env::var("BENCH_FSYNC").map_or(true, |v| v != "0");
+    c
+}
+
 async fn run(session: &mut Session, sql: &str) -> Outcome {
     let engine = session.engine().clone();
     let prepared = Session::prepare(&engine, sql)
@@ -139,7 +147,7 @@ async fn run(session: &mut Session, sql: &str) -> Outcome {
 
 async fn sluice_ingest(addr: &str, topic: &str, n: u64, view: &str) -> f64 {
     let dir = tempfile::tempdir().expect("tempdir");
-    let engine = Engine::open(Config::for_data_dir(dir.path())).expect("engine");
+    let engine = Engine::open(config(dir.path())).expect("engine");
     let mut session = Session::new(engine.clone());
     let start = Instant::now();
     run(
@@ -154,6 +162,12 @@ async fn sluice_ingest(addr: &str, topic: &str, n: u64, view: &str) -> f64 {
         &format!("CREATE MATERIALIZED VIEW v AS {view}"),
     )
     .await;
+    if std::env::var("BENCH_VERBOSE").is_ok() {
+        eprintln!(
+            "  setup (CREATE SOURCE + CREATE MATERIALIZED VIEW): {:.2} s",
+            start.elapsed().as_secs_f64()
+        );
+    }
     loop {
         let s = engine.driver.status();
         if s[0].offset >= n {
@@ -171,7 +185,7 @@ async fn sluice_ingest(addr: &str, topic: &str, n: u64, view: &str) -> f64 {
 /// (messages, seconds).
 async fn sink_throughput(addr: &str, n: u64) -> (u64, f64) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let engine = Engine::open(Config::for_data_dir(dir.path())).expect("engine");
+    let engine = Engine::open(config(dir.path())).expect("engine");
     let mut session = Session::new(engine.clone());
     let events = n * 50 / 46;
     let start = Instant::now();
@@ -211,7 +225,7 @@ async fn sink_throughput(addr: &str, n: u64) -> (u64, f64) {
 async fn freshness(addr: &str, rate: u64, secs: u64) -> (f64, f64, u64) {
     let topic = "fresh";
     let dir = tempfile::tempdir().expect("tempdir");
-    let engine = Engine::open(Config::for_data_dir(dir.path())).expect("engine");
+    let engine = Engine::open(config(dir.path())).expect("engine");
     let mut session = Session::new(engine.clone());
     run(
         &mut session,

@@ -59,6 +59,11 @@ const CHANNEL_CHUNKS: usize = 16;
 const CHUNK_WAIT: Duration = Duration::from_millis(5);
 /// How often the reader refreshes partitions and watermarks.
 const REFRESH: Duration = Duration::from_secs(2);
+/// Least time between two commits to the consumer group. They are for
+/// external lag tools only (Sluice's own positions are in its epochs), and
+/// an offset commit per epoch — dozens a second — slows the fetches that
+/// share the broker connection.
+const GROUP_COMMIT_EVERY: Duration = Duration::from_secs(1);
 
 /// Which topics a source reads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -735,13 +740,16 @@ fn read_loop(
 ) {
     let re = spec.pattern().ok().flatten();
     let mut last_refresh: Option<Instant> = None;
+    let mut last_commit: Option<Instant> = None;
     while !shared.stop.load(Ordering::Relaxed) {
         if last_refresh.is_none_or(|t| t.elapsed() >= REFRESH) {
             let elapsed = last_refresh.map(|t| t.elapsed().as_secs_f64());
             refresh(consumer, shared, spec, re.as_ref(), &mut assigned, elapsed);
             last_refresh = Some(Instant::now());
         }
-        if let Some(p) = shared.commit.lock().take() {
+        let commit_due = last_commit.is_none_or(|t| t.elapsed() >= GROUP_COMMIT_EVERY);
+        if let Some(p) = commit_due.then(|| shared.commit.lock().take()).flatten() {
+            last_commit = Some(Instant::now());
             let mut tpl = TopicPartitionList::new();
             for ((t, part), o) in &p {
                 let _ = tpl.add_partition_offset(t, *part, Offset::Offset(*o));
