@@ -7,6 +7,10 @@
 //! - `sluice_source_partitions`: one row per partition of every Kafka
 //!   source: committed offset, high watermark, lag, records and bytes read,
 //!   records per second, bad records, state.
+//! - `sluice_sinks`: one row per Kafka sink: the relation it reads, its
+//!   topic, state (`running`, `retrying: …`, `failed: …`), messages Kafka
+//!   acknowledged since start, and its lag — commits staged in its outbox
+//!   that Kafka has not acknowledged yet.
 
 use std::sync::Arc;
 
@@ -25,19 +29,70 @@ use crate::query::SystemTables;
 pub const SOURCE_ERRORS: &str = "sluice_source_errors";
 /// Name of the partition table.
 pub const SOURCE_PARTITIONS: &str = "sluice_source_partitions";
+/// Name of the sink table.
+pub const SINKS: &str = "sluice_sinks";
 
 impl SystemTables for Engine {
     fn names(&self) -> Vec<String> {
-        vec![SOURCE_ERRORS.into(), SOURCE_PARTITIONS.into()]
+        vec![SOURCE_ERRORS.into(), SOURCE_PARTITIONS.into(), SINKS.into()]
     }
 
     fn table(&self, name: &str) -> Option<Result<RecordBatch>> {
         match name {
             SOURCE_ERRORS => Some(source_errors(self)),
             SOURCE_PARTITIONS => Some(source_partitions(self)),
+            SINKS => Some(sinks(self)),
             _ => None,
         }
     }
+}
+
+/// Outbox entries (commits) of sink `id` not yet acknowledged by Kafka.
+pub fn sink_pending(engine: &Engine, id: u32) -> Result<u64> {
+    let mut n = 0u64;
+    engine
+        .store
+        .scan_prefix(&crate::connector::sink::outbox_prefix(id), |_, _| {
+            n += 1;
+            Ok(true)
+        })?;
+    Ok(n)
+}
+
+fn sinks(engine: &Engine) -> Result<RecordBatch> {
+    let status = engine.sink_status();
+    let mut name = StringBuilder::new();
+    let mut from = StringBuilder::new();
+    let mut topic = StringBuilder::new();
+    let mut state = StringBuilder::new();
+    let mut sent = Int64Builder::new();
+    let mut pending = Int64Builder::new();
+    for s in engine.catalog.sinks() {
+        let st = status.iter().find(|(i, _)| *i == s.id).map(|(_, st)| st);
+        name.append_value(&s.name);
+        from.append_value(&s.from);
+        topic.append_value(&s.spec.topic);
+        state.append_value(st.map_or("stopped", |st| st.state.as_str()));
+        sent.append_value(st.map_or(0, |st| st.sent) as i64);
+        pending.append_value(sink_pending(engine, s.id)? as i64);
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("sink", DataType::Utf8, false),
+        Field::new("from", DataType::Utf8, false),
+        Field::new("topic", DataType::Utf8, false),
+        Field::new("state", DataType::Utf8, false),
+        Field::new("sent", DataType::Int64, false),
+        Field::new("pending_commits", DataType::Int64, false),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(name.finish()),
+        Arc::new(from.finish()),
+        Arc::new(topic.finish()),
+        Arc::new(state.finish()),
+        Arc::new(sent.finish()),
+        Arc::new(pending.finish()),
+    ];
+    Ok(RecordBatch::try_new(schema, columns)?)
 }
 
 fn source_errors(engine: &Engine) -> Result<RecordBatch> {

@@ -930,3 +930,100 @@ async fn exactly_once_sink_writes_in_transactions() {
     exec(&c, "INSERT INTO t VALUES (3, 'd')").await;
     wait_equal(&c, "SELECT id, v FROM t_back", "SELECT * FROM t").await;
 }
+
+/// `CREATE SINK … AS SELECT`, a sink from an append-only source, and a
+/// sink that keeps its changes through a broker outage (Tansu on S3, so
+/// the topics survive the broker's kill -9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_as_select_from_a_source_and_across_a_broker_outage() {
+    let s3 = common::kafka::S3::start("tansu-sink");
+    let mut broker = Broker::start_s3(&s3, "tansu-sink");
+    broker.create_topic("ev", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let c = server.connect().await;
+    // Tansu on S3 loses concurrent in-flight batches to one partition: the
+    // sinks send one request at a time here (a real broker needs no such
+    // care).
+    exec(
+        &c,
+        &format!(
+            "CREATE SOURCE ev (k BIGINT, v BIGINT) FROM KAFKA (BROKERS '{0}', TOPIC 'ev') FORMAT JSON;
+             CREATE MATERIALIZED VIEW ev_agg AS SELECT k, count(*) AS n, sum(v) AS s FROM ev GROUP BY k;
+             CREATE SINK agg
+               INTO KAFKA (BROKERS '{0}', TOPIC 'agg', 'max.in.flight.requests.per.connection' '1')
+               FORMAT JSON ENVELOPE UPSERT KEY (k)
+               AS SELECT k, count(*) AS n, sum(v) AS s FROM ev GROUP BY k;
+             CREATE SINK raw FROM ev
+               INTO KAFKA (BROKERS '{0}', TOPIC 'raw', 'max.in.flight.requests.per.connection' '1');
+             CREATE TABLE t (id INT PRIMARY KEY, x INT);
+             CREATE SINK t_out FROM t
+               INTO KAFKA (BROKERS '{0}', TOPIC 't', 'max.in.flight.requests.per.connection' '1')
+               ENVELOPE UPSERT KEY (id);
+             CREATE SOURCE agg_back (k BIGINT, n BIGINT, s BIGINT)
+               FROM KAFKA (BROKERS '{0}', TOPIC 'agg') FORMAT JSON ENVELOPE UPSERT;
+             CREATE SOURCE raw_back (k BIGINT, v BIGINT) FROM KAFKA (BROKERS '{0}', TOPIC 'raw') FORMAT JSON;
+             CREATE SOURCE t_back (id INT, x INT)
+               FROM KAFKA (BROKERS '{0}', TOPIC 't') FORMAT JSON ENVELOPE UPSERT;
+             CREATE MATERIALIZED VIEW agg_back_mv AS SELECT k, n, s FROM agg_back;
+             CREATE MATERIALIZED VIEW raw_back_agg AS SELECT k, count(*) AS n, sum(v) AS s FROM raw_back GROUP BY k;
+             CREATE MATERIALIZED VIEW t_back_mv AS SELECT id, x FROM t_back;",
+            broker.addr()
+        ),
+    )
+    .await;
+    // The sink's own view is not the user's to see or drop.
+    assert_eq!(rows(&c, "SHOW MATERIALIZED VIEWS").await.len(), 4);
+    let p = broker.producer();
+    for i in 0..30i64 {
+        let rec = format!("{{\"k\": {}, \"v\": {}}}", i % 4, i * 7);
+        p.send("ev", 0, None, Some(rec.as_bytes()), &[]);
+    }
+    exec(&c, "INSERT INTO t VALUES (1, 10), (2, 20)").await;
+    wait_equal(&c, "SELECT * FROM agg_back_mv", "SELECT * FROM ev_agg").await;
+    wait_equal(&c, "SELECT * FROM raw_back_agg", "SELECT * FROM ev_agg").await;
+    wait_equal(&c, "SELECT * FROM t_back_mv", "SELECT * FROM t").await;
+
+    broker.kill9();
+    // Commits go on while the broker is away; the sink shows it waits.
+    exec(
+        &c,
+        "INSERT INTO t VALUES (3, 30); UPDATE t SET x = 11 WHERE id = 1; DELETE FROM t WHERE id = 2;",
+    )
+    .await;
+    let sinks = poll_until(&c, "SHOW SINKS", |r| {
+        r.iter()
+            .any(|l| l.starts_with("t_out|") && l.contains("|retrying: "))
+    })
+    .await;
+    let t_out = sinks.iter().find(|l| l.starts_with("t_out|")).unwrap();
+    assert!(!t_out.ends_with("|0"), "nothing pending: {t_out}");
+    // The same in the system table, for monitoring by SQL.
+    let lag = one(
+        &c,
+        "SELECT state, pending_commits > 0 FROM sluice_sinks WHERE sink = 't_out'",
+    )
+    .await;
+    assert!(
+        lag.starts_with("retrying: ") && lag.ends_with("|t"),
+        "{lag}"
+    );
+    broker.restart();
+    wait_equal(&c, "SELECT * FROM t_back_mv", "SELECT * FROM t").await;
+    poll_until(&c, "SHOW SINKS", |r| {
+        r.iter()
+            .any(|l| l.starts_with("t_out|") && l.contains("|running|") && l.ends_with("|0"))
+    })
+    .await;
+
+    // DROP SINK takes its view along.
+    exec(&c, "DROP SINK agg").await;
+    assert_eq!(
+        one(
+            &c,
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'sluice_sink_agg'"
+        )
+        .await,
+        "0"
+    );
+}

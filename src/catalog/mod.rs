@@ -117,6 +117,8 @@ pub enum MvOwner {
     User,
     /// `SUBSCRIBE TO (SELECT …)`: temporary, not listed.
     Subscription,
+    /// `CREATE SINK … AS SELECT`: not listed, dropped with the sink.
+    Sink,
 }
 
 /// A source: an append-only stream that materialized views consume.

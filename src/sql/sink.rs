@@ -12,9 +12,9 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
-use crate::catalog::{Relation, SinkDef};
+use crate::catalog::{MvOwner, Relation, SinkDef};
 use crate::connector::sink::{
-    encode, encode_entry, outbox_key, outbox_prefix, ExactlyOnce, SinkEnvelope, SinkSpec,
+    encode, encode_entry, outbox_key, ExactlyOnce, SinkEnvelope, SinkSpec,
 };
 use crate::connector::sink_format::SinkFormat;
 use crate::engine::Engine;
@@ -29,8 +29,10 @@ pub struct CreateSink {
     pub name: String,
     /// `IF NOT EXISTS`.
     pub if_not_exists: bool,
-    /// The relation it reads.
+    /// The relation it reads (empty with `query`).
     pub from: String,
+    /// `AS SELECT …` (or `FROM (SELECT …)`): the query's text.
+    pub query: Option<String>,
     /// `BROKERS`, or empty with a connection.
     pub brokers: String,
     /// `CONNECTION`.
@@ -64,29 +66,77 @@ pub async fn create(engine: &Engine, c: &CreateSink) -> Result<Outcome> {
         }
         return Err(Error::DuplicateObject(c.name.clone()));
     }
-    let (from_id, table, deletes) = match engine.catalog.get(&c.from) {
-        Some(Relation::Table(t)) => (t.def.id, t.clone(), true),
-        Some(Relation::MaterializedView(m)) => {
-            (m.def.id, m.table.clone(), !m.def.append_only)
-        }
+    let Some(query) = &c.query else {
+        create_locked(engine, c, &c.from).await?;
+        return Ok(done);
+    };
+    // `AS SELECT`: the query runs as a materialized view the sink owns
+    // (unlisted, dropped with the sink).
+    let view = owned_view_name(&c.name);
+    if engine.catalog.get(&view).is_some() {
+        return Err(Error::DuplicateObject(view));
+    }
+    let q = match crate::sql::parse_sql(query)?.as_slice() {
+        [datafusion::sql::sqlparser::ast::Statement::Query(q)] => q.clone(),
+        _ => return Err(Error::Syntax("CREATE SINK … AS takes one SELECT".into())),
+    };
+    crate::sql::create_mv::create_locked(engine, view.clone(), &q, MvOwner::Sink).await?;
+    if let Err(e) = create_locked(engine, c, &view).await {
+        let _ = engine.drop_objects(std::slice::from_ref(&view));
+        return Err(e);
+    }
+    Ok(done)
+}
+
+/// The name of the materialized view that `CREATE SINK name … AS SELECT`
+/// runs its query in.
+pub fn owned_view_name(sink: &str) -> String {
+    format!("sluice_sink_{sink}")
+}
+
+/// Creates sink `c` reading relation `from`; callers hold the writer lock.
+async fn create_locked(engine: &Engine, c: &CreateSink, from: &str) -> Result<()> {
+    // (id, columns, Arrow schema, stored rows, can delete)
+    let (from_id, columns, schema, table, deletes) = match engine.catalog.get(from) {
+        Some(Relation::Table(t)) => (
+            t.def.id,
+            t.def.columns.clone(),
+            t.schema.clone(),
+            Some(t.clone()),
+            true,
+        ),
+        Some(Relation::MaterializedView(m)) => (
+            m.def.id,
+            m.def.columns.clone(),
+            m.table.schema.clone(),
+            Some(m.table.clone()),
+            !m.def.append_only,
+        ),
         Some(Relation::Source(s)) => match &s.table {
-            Some(t) => (s.def.id, t.clone(), true),
-            None => {
-                return Err(Error::unsupported(format!(
-                    "a sink reads a table, a materialized view or an UPSERT/DEBEZIUM source; for source \"{}\" create a materialized view over it first",
-                    c.from
-                )))
-            }
+            Some(t) => (
+                s.def.id,
+                t.def.columns.clone(),
+                t.schema.clone(),
+                Some(t.clone()),
+                true,
+            ),
+            // An append-only source keeps no rows: no snapshot, every
+            // record from the next epoch on.
+            None => (
+                s.def.id,
+                s.def.columns.clone(),
+                s.def.schema(),
+                None,
+                false,
+            ),
         },
         Some(Relation::View(_)) => {
             return Err(Error::unsupported(format!(
-                "\"{}\" is a view; a sink reads a table or a materialized view",
-                c.from
+                "\"{from}\" is a view; sink a materialized view, or use CREATE SINK … AS SELECT * FROM {from}"
             )))
         }
-        None => return Err(Error::UndefinedTable(c.from.clone())),
+        None => return Err(Error::UndefinedTable(from.to_string())),
     };
-    let columns = table.def.columns.clone();
     let key = c
         .key
         .iter()
@@ -97,7 +147,7 @@ pub async fn create(engine: &Engine, c: &CreateSink) -> Result<Outcome> {
                 .ok_or_else(|| {
                     Error::UndefinedColumn(format!(
                         "column \"{k}\" of KEY does not exist in \"{}\"",
-                        c.from
+                        from
                     ))
                 })
         })
@@ -109,14 +159,14 @@ pub async fn create(engine: &Engine, c: &CreateSink) -> Result<Outcome> {
         (None, true, true) => {
             return Err(Error::Syntax(format!(
                 "\"{}\" can delete rows: give ENVELOPE UPSERT KEY (…) or ENVELOPE DEBEZIUM KEY (…)",
-                c.from
+                from
             )))
         }
     };
     if envelope == SinkEnvelope::Append && deletes {
         return Err(Error::unsupported(format!(
             "ENVELOPE APPEND needs an insert-only input, and \"{}\" can delete rows; use ENVELOPE UPSERT KEY (…) or DEBEZIUM KEY (…)",
-            c.from
+            from
         )));
     }
     if envelope != SinkEnvelope::Append && key.is_empty() {
@@ -153,8 +203,8 @@ pub async fn create(engine: &Engine, c: &CreateSink) -> Result<Outcome> {
         };
     let format = SinkFormat::resolve(
         c.format.as_ref().unwrap_or(&crate::connector::Format::Json),
-        &c.from,
-        &table.schema,
+        from,
+        &schema,
         &key,
         envelope,
     )?;
@@ -178,15 +228,17 @@ pub async fn create(engine: &Engine, c: &CreateSink) -> Result<Outcome> {
         .map_err(|e| Error::Internal(e.to_string()))??;
     // The snapshot: the relation's rows now, as insertions.
     let mut msgs = Vec::new();
-    for b in StoredTable::new(table, engine.store.clone()).read(&[], None)? {
-        let ones = Int64Array::from(vec![1i64; b.num_rows()]);
-        msgs.extend(encode(&spec, &b, &ones)?);
+    if let Some(table) = table {
+        for b in StoredTable::new(table, engine.store.clone()).read(&[], None)? {
+            let ones = Int64Array::from(vec![1i64; b.num_rows()]);
+            msgs.extend(encode(&spec, &b, &ones)?);
+        }
     }
     let def = engine.catalog.create_sink(
         SinkDef {
             id: 0,
             name: c.name.clone(),
-            from: c.from.clone(),
+            from: from.to_string(),
             from_id,
             columns,
             spec,
@@ -204,7 +256,7 @@ pub async fn create(engine: &Engine, c: &CreateSink) -> Result<Outcome> {
             .drop_relations(std::slice::from_ref(&def.name));
         return Err(e);
     }
-    Ok(done)
+    Ok(())
 }
 
 /// A token unique to this sink's creation: the creation time and the
@@ -227,7 +279,15 @@ pub async fn drop(engine: &Engine, if_exists: bool, name: &str) -> Result<Outcom
             )));
         }
     } else {
-        crate::sql::drop::drop_collected(engine, &[name.to_string()])?;
+        let mut names = vec![name.to_string()];
+        // The view of a `CREATE SINK … AS SELECT` goes with its sink.
+        let view = owned_view_name(name);
+        if let Some(Relation::MaterializedView(m)) = engine.catalog.get(&view) {
+            if m.def.owner == MvOwner::Sink && engine.catalog.dependents(&view) == names {
+                names.push(view);
+            }
+        }
+        crate::sql::drop::drop_collected(engine, &names)?;
     }
     Ok(Outcome::Command {
         tag: "DROP SINK",
@@ -253,15 +313,10 @@ fn show_schema() -> SchemaRef {
 pub fn show(engine: &Engine) -> Result<Outcome> {
     let sinks = engine.catalog.sinks();
     let status = engine.sink_status();
-    let mut pending = Vec::with_capacity(sinks.len());
-    for s in &sinks {
-        let mut n = 0u64;
-        engine.store.scan_prefix(&outbox_prefix(s.id), |_, _| {
-            n += 1;
-            Ok(true)
-        })?;
-        pending.push(n);
-    }
+    let pending = sinks
+        .iter()
+        .map(|s| crate::system_tables::sink_pending(engine, s.id))
+        .collect::<Result<Vec<_>>>()?;
     let st = |id: u32| {
         status
             .iter()

@@ -456,13 +456,16 @@ impl Cursor<'_> {
     fn sink(&mut self) -> Result<SourceStatementKind> {
         let if_not_exists = self.if_not_exists()?;
         let name = self.ident()?;
-        self.expect_keyword("FROM")?;
-        if self.peek() == Some(&Token::LParen) || self.keyword("AS") {
-            return Err(Error::unsupported(
-                "CREATE SINK … AS SELECT is not supported yet; create a materialized view and sink it",
-            ));
+        // `FROM relation`, `FROM (SELECT …)`, or no FROM and a trailing
+        // `AS SELECT …`.
+        let (mut from, mut query) = (String::new(), None);
+        if self.keyword("FROM") {
+            if self.token(&Token::LParen) {
+                query = Some(self.parenthesized_text()?);
+            } else {
+                from = self.ident()?;
+            }
         }
-        let from = self.ident()?;
         self.expect_keyword("INTO")?;
         self.expect_keyword("KAFKA")?;
         let (opts, properties) = self.named_options(&[
@@ -535,15 +538,34 @@ impl Cursor<'_> {
                 if !self.token(&Token::RParen) {
                     return Err(self.error("\")\""));
                 }
+            } else if self.keyword("AS") {
+                if !from.is_empty() || query.is_some() {
+                    return Err(Error::Syntax(
+                        "CREATE SINK takes FROM or AS SELECT, not both".into(),
+                    ));
+                }
+                // The rest of the statement is the query.
+                let rest: Vec<String> = self.tokens[self.pos..]
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect();
+                self.pos = self.tokens.len();
+                query = Some(rest.join(" "));
             } else {
-                return Err(self.error("FORMAT, ENVELOPE, KEY or end of statement"));
+                return Err(self.error("FORMAT, ENVELOPE, KEY, AS or end of statement"));
             }
+        }
+        if from.is_empty() && query.is_none() {
+            return Err(Error::Syntax(
+                "CREATE SINK needs FROM relation, FROM (SELECT …) or AS SELECT …".into(),
+            ));
         }
         Ok(SourceStatementKind::CreateSink(
             crate::sql::sink::CreateSink {
                 name,
                 if_not_exists,
                 from,
+                query,
                 brokers,
                 connection,
                 topic,
@@ -555,6 +577,31 @@ impl Cursor<'_> {
                 exactly_once,
             },
         ))
+    }
+
+    /// The text inside parentheses whose `(` was just consumed (tokens
+    /// joined by spaces, which SQL reads the same), up to the matching `)`.
+    fn parenthesized_text(&mut self) -> Result<String> {
+        let start = self.pos;
+        let mut depth = 1usize;
+        while let Some(t) = self.tokens.get(self.pos).copied() {
+            self.pos += 1;
+            match t {
+                Token::LParen => depth += 1,
+                Token::RParen => {
+                    depth -= 1;
+                    if depth == 0 {
+                        let inner: Vec<String> = self.tokens[start..self.pos - 1]
+                            .iter()
+                            .map(|t| t.to_string())
+                            .collect();
+                        return Ok(inner.join(" "));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Err(self.error("\")\""))
     }
 
     /// `(col type …, …)`, parsed by sqlparser as a table's columns.
@@ -1381,6 +1428,37 @@ mod tests {
             Some(Piece::Source(s)) => Ok(s.kind),
             _ => panic!("not ours"),
         }
+    }
+
+    #[test]
+    fn parses_sink_queries() {
+        let sink = |sql: &str| match one(sql) {
+            Ok(SourceStatementKind::CreateSink(c)) => Ok(c),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        let c = sink(
+            "CREATE SINK s INTO KAFKA (BROKERS 'b', TOPIC 't') ENVELOPE UPSERT KEY (k)
+               AS SELECT k, count(*) AS n FROM \"T\" WHERE v > 'x' GROUP BY k",
+        )
+        .unwrap();
+        assert_eq!(c.from, "");
+        assert_eq!(
+            c.query.as_deref(),
+            Some("SELECT k , count ( * ) AS n FROM \"T\" WHERE v > 'x' GROUP BY k")
+        );
+        assert_eq!(c.key, vec!["k".to_string()]);
+        let c = sink("CREATE SINK s FROM (SELECT a FROM (SELECT 1 AS a) q) INTO KAFKA (BROKERS 'b', TOPIC 't')")
+            .unwrap();
+        assert_eq!(
+            c.query.as_deref(),
+            Some("SELECT a FROM ( SELECT 1 AS a ) q")
+        );
+        assert!(sink("CREATE SINK s INTO KAFKA (BROKERS 'b', TOPIC 't')").is_err());
+        assert!(
+            sink("CREATE SINK s FROM v INTO KAFKA (BROKERS 'b', TOPIC 't') AS SELECT 1").is_err()
+        );
+        assert!(sink("CREATE SINK s FROM (SELECT 1 INTO KAFKA (BROKERS 'b', TOPIC 't')").is_err());
     }
 
     #[test]
