@@ -957,6 +957,8 @@ async fn sink_as_select_from_a_source_and_across_a_broker_outage() {
              CREATE SINK raw FROM ev
                INTO KAFKA (BROKERS '{0}', TOPIC 'raw', 'max.in.flight.requests.per.connection' '1');
              CREATE TABLE t (id INT PRIMARY KEY, x INT);
+             -- A snapshot of more than one outbox entry (10 000 messages each).
+             INSERT INTO t SELECT CAST(value + 100 AS INT), CAST(value AS INT) FROM generate_series(1, 25000);
              CREATE SINK t_out FROM t
                INTO KAFKA (BROKERS '{0}', TOPIC 't', 'max.in.flight.requests.per.connection' '1')
                ENVELOPE UPSERT KEY (id);

@@ -4,8 +4,9 @@
 //! Exactly-once *into the outbox*: the commit that changes a relation also
 //! stages, in the same `WriteBatch`, the Kafka messages those changes mean
 //! for every sink reading it ([`encode`]), under the sink's next sequence
-//! number. A new sink's first outbox entry is the relation's contents at
-//! creation (the snapshot), written with its catalog entry. So the outbox
+//! number. A new sink's first outbox entries are the relation's contents at
+//! creation (the snapshot, in entries of at most 10 000 messages), written
+//! with its catalog entry. So the outbox
 //! always holds every change after the last acknowledged one, in commit
 //! order, and never anything uncommitted.
 //!

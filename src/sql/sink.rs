@@ -88,6 +88,9 @@ pub async fn create(engine: &Engine, c: &CreateSink) -> Result<Outcome> {
     Ok(done)
 }
 
+/// Most messages in one outbox entry of a sink's snapshot.
+const SNAPSHOT_ENTRY_MESSAGES: usize = 10_000;
+
 /// The name of the materialized view that `CREATE SINK name … AS SELECT`
 /// runs its query in.
 pub fn owned_view_name(sink: &str) -> String {
@@ -244,8 +247,11 @@ async fn create_locked(engine: &Engine, c: &CreateSink, from: &str) -> Result<()
             spec,
         },
         |id, batch| {
-            if !msgs.is_empty() {
-                batch.put(outbox_key(id, 0), encode_entry(&msgs));
+            // The snapshot as entries 0, 1, … of bounded size: the writer
+            // holds at most a round of entries in memory, however big the
+            // relation.
+            for (seq, part) in msgs.chunks(SNAPSHOT_ENTRY_MESSAGES).enumerate() {
+                batch.put(outbox_key(id, seq as u64), encode_entry(part));
             }
             Ok(())
         },
