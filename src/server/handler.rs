@@ -168,7 +168,19 @@ impl Backend {
                     portal.statement.statement.clone(),
                     portal.result_column_format.clone(),
                 ),
-                _ => return Ok(None),
+                Some(Entry::Empty) => return Ok(None),
+                // In PostgreSQL a `DECLARE`d cursor is a portal, and
+                // drivers describe it by name (psycopg's named cursors do).
+                None => {
+                    let session = self.session(client);
+                    let schema = session.lock().await.cursors.schema(name);
+                    return match schema {
+                        Some(schema) => {
+                            Ok(Some(pg_fields(&schema, None, &Format::UnifiedText, None)?))
+                        }
+                        None => Ok(None),
+                    };
+                }
             }
         };
         let crate::sql::Stmt::Stream(crate::sql::subscribe::StreamStatement::Fetch {

@@ -240,17 +240,28 @@ pub struct Ctx<'a> {
 pub async fn prepare(engine: &Engine, sql: &str, stmt: Stmt) -> Result<Prepared> {
     let mut returning = None;
     let Stmt::Sql(sql_stmt) = &stmt else {
-        let stream_schema = match &stmt {
+        let (mut stream_schema, mut plan, mut column_names) = (None, None, None);
+        match &stmt {
             Stmt::Stream(subscribe::StreamStatement::Subscribe(spec)) => {
-                subscribe::schema_of(engine, spec).await?
+                stream_schema = subscribe::schema_of(engine, spec).await?;
             }
-            _ => None,
-        };
+            // A cursor's query is planned now, so that its parameters
+            // (`DECLARE c CURSOR FOR SELECT … WHERE id > $1`) get types.
+            Stmt::Stream(subscribe::StreamStatement::Declare {
+                what: subscribe::Target::Query(q),
+                ..
+            }) => {
+                let (p, names) = subscribe::plan_query(engine, q).await?;
+                plan = Some(p);
+                column_names = names;
+            }
+            _ => {}
+        }
         return Ok(Prepared {
             sql: sql.to_string(),
             stmt,
-            plan: None,
-            column_names: None,
+            plan,
+            column_names,
             returning: None,
             stream_schema,
         });
@@ -302,8 +313,15 @@ pub async fn execute(
             return source::execute(ctx.engine, s).await;
         }
         Stmt::Stream(s) => {
-            reject_params(params)?;
-            return subscribe::execute(ctx, s).await;
+            let plan = match (&prepared.plan, params) {
+                (Some(plan), Some(p)) => Some(plan.clone().replace_params_with_values(p)?),
+                (Some(plan), None) => Some(plan.clone()),
+                (None, _) => {
+                    reject_params(params)?;
+                    None
+                }
+            };
+            return subscribe::execute(ctx, s, plan, prepared.column_names.clone()).await;
         }
     };
     if let Some(plan) = &prepared.plan {

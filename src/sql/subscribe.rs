@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::sqlparser::ast;
 use datafusion::sql::sqlparser::tokenizer::Token;
 
@@ -786,14 +787,29 @@ enum Cursor {
     Live(Live),
 }
 
-/// Runs a query to completion.
-async fn query_rows(engine: &Engine, text: &str) -> Result<Rows> {
-    let stmt = ast::Statement::Query(one_query(text)?);
-    let prepared = crate::sql::prepare(engine, text, crate::sql::Stmt::Sql(stmt)).await?;
-    let (Some(plan), crate::sql::Stmt::Sql(stmt)) = (&prepared.plan, &prepared.stmt) else {
-        return Err(Error::Internal("query without a plan".into()));
+/// Plans a cursor's query: DataFusion's plan and PostgreSQL's column names.
+pub async fn plan_query(
+    engine: &Engine,
+    text: &str,
+) -> Result<(LogicalPlan, Option<Vec<Option<String>>>)> {
+    let q = one_query(text)?;
+    let plan = engine.plan(&ast::Statement::Query(q.clone())).await?;
+    let names = crate::sql::select::pg_column_names(&q, plan.schema().fields().len());
+    Ok((plan, names))
+}
+
+/// Runs a query (planned, parameters bound) to completion.
+async fn query_rows(
+    engine: &Engine,
+    text: &str,
+    planned: Option<(LogicalPlan, Option<Vec<Option<String>>>)>,
+) -> Result<Rows> {
+    let (plan, names) = match planned {
+        Some(p) => p,
+        None => plan_query(engine, text).await?,
     };
-    match crate::sql::select::run(engine, stmt, plan, prepared.column_names.clone()).await? {
+    let stmt = ast::Statement::Query(one_query(text)?);
+    match crate::sql::select::run(engine, &stmt, &plan, names).await? {
         Outcome::Rows(r) => Ok(r),
         _ => Err(Error::Internal("query without rows".into())),
     }
@@ -809,7 +825,15 @@ pub enum Stream {
 }
 
 /// Runs one of this module's statements.
-pub async fn execute(ctx: &mut Ctx<'_>, s: &StreamStatement) -> Result<Outcome> {
+///
+/// `plan` is the prepared plan of a `DECLARE`'s query with its parameters
+/// bound, and `names` its PostgreSQL column names.
+pub async fn execute(
+    ctx: &mut Ctx<'_>,
+    s: &StreamStatement,
+    plan: Option<LogicalPlan>,
+    names: Option<Vec<Option<String>>>,
+) -> Result<Outcome> {
     match s {
         StreamStatement::Subscribe(spec) => {
             let limit = buffer_rows(ctx)?;
@@ -823,7 +847,7 @@ pub async fn execute(ctx: &mut Ctx<'_>, s: &StreamStatement) -> Result<Outcome> 
                 Target::Subscribe(spec) => {
                     Stream::Live(open(ctx.engine, spec, buffer_rows(ctx)?).await?)
                 }
-                Target::Query(q) => Stream::Rows(query_rows(ctx.engine, q).await?),
+                Target::Query(q) => Stream::Rows(query_rows(ctx.engine, q, None).await?),
             };
             Ok(Outcome::Stream {
                 stream,
@@ -844,7 +868,7 @@ pub async fn execute(ctx: &mut Ctx<'_>, s: &StreamStatement) -> Result<Outcome> 
                     Cursor::Live(open(ctx.engine, spec, buffer_rows(ctx)?).await?)
                 }
                 Target::Query(q) => {
-                    let rows = query_rows(ctx.engine, q).await?;
+                    let rows = query_rows(ctx.engine, q, plan.map(|p| (p, names))).await?;
                     let schema = rows.schema.clone();
                     let schema = match &rows.names {
                         Some(names) => rename(&schema, names),

@@ -31,4 +31,23 @@ with psycopg.connect(f"host=127.0.0.1 port={port} user=py dbname=sluice connect_
     except psycopg.errors.UndefinedTable:
         pass
     assert conn.execute("SELECT 1 + 1").fetchone()[0] == 2
+
+    # Server-side (named) cursors: DECLARE, the cursor described as a
+    # portal by name, FETCH FORWARD n, CLOSE — inside a transaction.
+    with psycopg.connect(f"host=127.0.0.1 port={port} user=py dbname=sluice connect_timeout=10") as tx:
+        with tx.cursor("named") as cur:
+            cur.execute("SELECT id, name FROM pt WHERE id > %s ORDER BY id", (1,))
+            assert cur.fetchmany(2) == [(2, "n2"), (3, "n3")]
+            assert cur.fetchall() == [(4, "n4"), (5, "n5")]
+        tx.commit()
+        # A subscription through a cursor: the snapshot, then a change.
+        with tx.cursor() as cur:
+            cur.execute("DECLARE s CURSOR FOR SUBSCRIBE (SELECT count(*) AS n FROM pt)")
+            cur.execute("FETCH ALL s")
+            assert [(r[1], r[2]) for r in cur.fetchall()] == [(1, 5)]
+            conn.execute("INSERT INTO pt (id) VALUES (6)")
+            cur.execute("FETCH ALL s WITH (TIMEOUT = '10s')")
+            got = sorted((r[1], r[2]) for r in cur.fetchall())
+            assert got == [(-1, 5), (1, 6)], got
+        tx.rollback()
 print("psycopg ok")
