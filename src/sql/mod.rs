@@ -19,6 +19,7 @@ pub mod show;
 pub mod sink;
 pub mod source;
 pub mod subscribe;
+pub mod tokens;
 pub mod transaction;
 
 use std::sync::Arc;

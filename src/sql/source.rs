@@ -40,6 +40,7 @@ use crate::connector::kafka::{OnError, StartOffset, Topics};
 use crate::connector::{Envelope, Format, GeneratorSpec, KafkaSpec, Meta, NexmarkTable};
 use crate::engine::Engine;
 use crate::error::{DataErrorKind, Error, Result};
+use crate::sql::tokens::{upper_word, Cursor};
 use crate::sql::{Outcome, Rows};
 
 /// Default rate of a counter: one row per second.
@@ -208,120 +209,7 @@ pub fn split(sql: &str) -> Result<Option<Vec<Piece>>> {
     Ok(ours.then_some(pieces))
 }
 
-fn upper_word(t: &Token) -> String {
-    match t {
-        Token::Word(w) if w.quote_style.is_none() => w.value.to_ascii_uppercase(),
-        _ => String::new(),
-    }
-}
-
-struct Cursor<'a> {
-    tokens: Vec<&'a Token>,
-    pos: usize,
-}
-
 impl Cursor<'_> {
-    fn peek(&self) -> Option<&Token> {
-        self.tokens.get(self.pos).copied()
-    }
-
-    fn found(&self) -> String {
-        match self.peek() {
-            Some(t) => format!("at or near \"{t}\""),
-            None => "at end of input".to_string(),
-        }
-    }
-
-    fn error(&self, expected: &str) -> Error {
-        Error::Syntax(format!(
-            "syntax error {}: expected {expected}",
-            self.found()
-        ))
-    }
-
-    fn keyword(&mut self, kw: &str) -> bool {
-        if self.peek().map(upper_word).as_deref() == Some(kw) {
-            self.pos += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn expect_keyword(&mut self, kw: &str) -> Result<()> {
-        if self.keyword(kw) {
-            Ok(())
-        } else {
-            Err(self.error(kw))
-        }
-    }
-
-    fn token(&mut self, t: &Token) -> bool {
-        if self.peek() == Some(t) {
-            self.pos += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// An identifier: unquoted ones are lower-cased, as in PostgreSQL.
-    fn ident(&mut self) -> Result<String> {
-        match self.peek() {
-            Some(Token::Word(w)) => {
-                let name = if w.quote_style.is_some() {
-                    w.value.clone()
-                } else {
-                    w.value.to_lowercase()
-                };
-                self.pos += 1;
-                // `public.name`
-                if self.token(&Token::Period) {
-                    if name != crate::engine::SCHEMA {
-                        return Err(Error::unsupported(format!(
-                            "schema \"{name}\" does not exist; only \"public\" is supported"
-                        )));
-                    }
-                    return self.ident();
-                }
-                Ok(name)
-            }
-            _ => Err(self.error("a name")),
-        }
-    }
-
-    /// `[IF EXISTS]`.
-    fn if_exists(&mut self) -> Result<bool> {
-        Ok(self.keyword("IF") && {
-            self.expect_keyword("EXISTS")?;
-            true
-        })
-    }
-
-    /// `[IF NOT EXISTS]`.
-    fn if_not_exists(&mut self) -> Result<bool> {
-        Ok(self.keyword("IF") && {
-            self.expect_keyword("NOT")?;
-            self.expect_keyword("EXISTS")?;
-            true
-        })
-    }
-
-    /// `[CASCADE | RESTRICT]`: whether CASCADE.
-    fn cascade(&mut self) -> bool {
-        self.keyword("CASCADE") || {
-            self.keyword("RESTRICT");
-            false
-        }
-    }
-
-    fn end(&self) -> Result<()> {
-        match self.peek() {
-            None => Ok(()),
-            Some(_) => Err(self.error("end of statement")),
-        }
-    }
-
     fn statement(mut self) -> Result<SourceStatementKind> {
         if self.keyword("SHOW") {
             if self.keyword("CONNECTIONS") {
@@ -545,12 +433,7 @@ impl Cursor<'_> {
                     ));
                 }
                 // The rest of the statement is the query.
-                let rest: Vec<String> = self.tokens[self.pos..]
-                    .iter()
-                    .map(|t| t.to_string())
-                    .collect();
-                self.pos = self.tokens.len();
-                query = Some(rest.join(" "));
+                query = Some(self.rest_text());
             } else {
                 return Err(self.error("FORMAT, ENVELOPE, KEY, AS or end of statement"));
             }
@@ -577,31 +460,6 @@ impl Cursor<'_> {
                 exactly_once,
             },
         ))
-    }
-
-    /// The text inside parentheses whose `(` was just consumed (tokens
-    /// joined by spaces, which SQL reads the same), up to the matching `)`.
-    fn parenthesized_text(&mut self) -> Result<String> {
-        let start = self.pos;
-        let mut depth = 1usize;
-        while let Some(t) = self.tokens.get(self.pos).copied() {
-            self.pos += 1;
-            match t {
-                Token::LParen => depth += 1,
-                Token::RParen => {
-                    depth -= 1;
-                    if depth == 0 {
-                        let inner: Vec<String> = self.tokens[start..self.pos - 1]
-                            .iter()
-                            .map(|t| t.to_string())
-                            .collect();
-                        return Ok(inner.join(" "));
-                    }
-                }
-                _ => {}
-            }
-        }
-        Err(self.error("\")\""))
     }
 
     /// `(col type …, …)`, parsed by sqlparser as a table's columns.

@@ -39,6 +39,7 @@ use crate::catalog::{MvOwner, Relation};
 use crate::engine::Engine;
 use crate::error::{DataErrorKind, Error, Result};
 use crate::query::StoredTable;
+use crate::sql::tokens::Cursor as Tokens;
 use crate::sql::{parse_sql, Ctx, Outcome, Rows};
 use crate::subscription::Subscription;
 
@@ -136,401 +137,286 @@ pub fn is_ours(words: &[String]) -> bool {
     }
 }
 
-/// Parses one statement from its tokens (whitespace included, so that an
-/// embedded query keeps its text).
+/// Parses one statement from its tokens.
 pub fn parse(tokens: &[Token]) -> Result<StreamStatement> {
-    let mut p = P { t: tokens, pos: 0 };
-    let s = p.statement()?;
-    p.end()?;
+    let mut c = Tokens::new(tokens);
+    let s = statement(&mut c)?;
+    c.end()?;
     Ok(s)
 }
 
-struct P<'a> {
-    t: &'a [Token],
-    pos: usize,
+fn boolean(c: &mut Tokens<'_>) -> Result<bool> {
+    let text = match c.peek() {
+        Some(Token::Word(w)) => w.value.to_ascii_lowercase(),
+        Some(Token::SingleQuotedString(s)) => s.to_ascii_lowercase(),
+        _ => return Err(c.error("true or false")),
+    };
+    let v = match text.as_str() {
+        "true" | "on" => true,
+        "false" | "off" => false,
+        _ => return Err(c.error("true or false")),
+    };
+    c.pos += 1;
+    Ok(v)
 }
 
-impl P<'_> {
-    fn skip_ws(&mut self) {
-        while matches!(self.t.get(self.pos), Some(Token::Whitespace(_))) {
-            self.pos += 1;
-        }
+/// A flag option: `NAME`, `NAME true`, `NAME = false`.
+fn flag(c: &mut Tokens<'_>) -> Result<bool> {
+    if matches!(c.peek(), Some(Token::Comma | Token::RParen)) {
+        return Ok(true);
     }
+    boolean(c)
+}
 
-    fn peek(&mut self) -> Option<&Token> {
-        self.skip_ws();
-        self.t.get(self.pos)
+/// `(name [=] value, …)` after `WITH`, each option parsed by `each`.
+fn options(
+    c: &mut Tokens<'_>,
+    mut each: impl FnMut(&mut Tokens<'_>, &str) -> Result<()>,
+) -> Result<()> {
+    if !c.token(&Token::LParen) {
+        return Err(c.error("("));
     }
-
-    fn error(&mut self, expected: &str) -> Error {
-        let found = match self.peek() {
-            Some(t) => format!("at or near \"{t}\""),
-            None => "at end of input".into(),
+    loop {
+        let Some(name) = c.word() else {
+            return Err(c.error("an option name"));
         };
-        Error::Syntax(format!("syntax error {found}: expected {expected}"))
-    }
-
-    fn word(&mut self) -> Option<String> {
-        match self.peek() {
-            Some(Token::Word(w)) if w.quote_style.is_none() => Some(w.value.to_ascii_uppercase()),
-            _ => None,
+        c.pos += 1;
+        c.token(&Token::Eq);
+        each(c, &name)?;
+        if c.token(&Token::RParen) {
+            return Ok(());
+        }
+        if !c.token(&Token::Comma) {
+            return Err(c.error(", or )"));
         }
     }
+}
 
-    fn keyword(&mut self, kw: &str) -> bool {
-        if self.word().as_deref() == Some(kw) {
-            self.pos += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn expect(&mut self, kw: &str) -> Result<()> {
-        if self.keyword(kw) {
-            Ok(())
-        } else {
-            Err(self.error(kw))
-        }
-    }
-
-    fn token(&mut self, t: &Token) -> bool {
-        if self.peek() == Some(t) {
-            self.pos += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn end(&mut self) -> Result<()> {
-        match self.peek() {
-            None => Ok(()),
-            Some(_) => Err(self.error("end of statement")),
-        }
-    }
-
-    /// A name; unquoted ones lower-cased, `public.` allowed.
-    fn ident(&mut self) -> Result<String> {
-        let name = match self.peek() {
-            Some(Token::Word(w)) if w.quote_style.is_some() => w.value.clone(),
-            Some(Token::Word(w)) => w.value.to_lowercase(),
-            _ => return Err(self.error("a name")),
-        };
-        self.pos += 1;
-        if self.token(&Token::Period) {
-            if name != crate::engine::SCHEMA {
-                return Err(Error::unsupported(format!(
-                    "schema \"{name}\" does not exist; only \"public\" is supported"
-                )));
+fn statement(c: &mut Tokens<'_>) -> Result<StreamStatement> {
+    match c.word().as_deref() {
+        Some("SUBSCRIBE") => Ok(StreamStatement::Subscribe(subscribe(c)?)),
+        Some("COPY") => copy(c),
+        Some("DECLARE") => declare(c),
+        Some("FETCH") => fetch(c),
+        Some("CLOSE") => {
+            c.pos += 1;
+            if c.keyword("ALL") {
+                return Ok(StreamStatement::Close(None));
             }
-            return self.ident();
+            Ok(StreamStatement::Close(Some(c.ident()?)))
         }
-        Ok(name)
+        _ => Err(c.error("SUBSCRIBE, COPY, DECLARE, FETCH or CLOSE")),
     }
+}
 
-    /// The text between a `(` just consumed and its matching `)`.
-    fn parenthesized(&mut self) -> Result<Vec<Token>> {
-        let start = self.pos;
-        let mut depth = 1;
-        while let Some(t) = self.t.get(self.pos) {
-            self.pos += 1;
-            match t {
-                Token::LParen => depth += 1,
-                Token::RParen => {
-                    depth -= 1;
-                    if depth == 0 {
-                        return Ok(self.t[start..self.pos - 1].to_vec());
-                    }
-                }
-                _ => {}
-            }
-        }
-        Err(Error::Syntax(
-            "syntax error at end of input: expected )".into(),
-        ))
-    }
-
-    /// The rest of the statement's text.
-    fn rest(&mut self) -> String {
-        let text: String = self.t[self.pos..].iter().map(|t| t.to_string()).collect();
-        self.pos = self.t.len();
-        text
-    }
-
-    fn boolean(&mut self) -> Result<bool> {
-        match self.peek() {
-            Some(Token::Word(w)) => {
-                let v = match w.value.to_ascii_lowercase().as_str() {
-                    "true" | "on" => true,
-                    "false" | "off" => false,
-                    _ => return Err(self.error("true or false")),
-                };
-                self.pos += 1;
-                Ok(v)
-            }
-            Some(Token::SingleQuotedString(s)) => {
-                let v = match s.to_ascii_lowercase().as_str() {
-                    "true" | "on" => true,
-                    "false" | "off" => false,
-                    _ => return Err(self.error("true or false")),
-                };
-                self.pos += 1;
-                Ok(v)
-            }
-            _ => Err(self.error("true or false")),
-        }
-    }
-
-    /// `(name [=] value, …)` after `WITH`, each option parsed by `each`.
-    fn options(&mut self, mut each: impl FnMut(&mut Self, &str) -> Result<()>) -> Result<()> {
-        if !self.token(&Token::LParen) {
-            return Err(self.error("("));
-        }
-        loop {
-            let Some(name) = self.word() else {
-                return Err(self.error("an option name"));
-            };
-            self.pos += 1;
-            self.token(&Token::Eq);
-            each(self, &name)?;
-            if self.token(&Token::RParen) {
-                return Ok(());
-            }
-            if !self.token(&Token::Comma) {
-                return Err(self.error(", or )"));
-            }
-        }
-    }
-
-    fn at_option_end(&mut self) -> bool {
-        matches!(self.peek(), Some(Token::Comma | Token::RParen))
-    }
-
-    fn statement(&mut self) -> Result<StreamStatement> {
-        match self.word().as_deref() {
-            Some("SUBSCRIBE") => Ok(StreamStatement::Subscribe(self.subscribe()?)),
-            Some("COPY") => self.copy(),
-            Some("DECLARE") => self.declare(),
-            Some("FETCH") => self.fetch(),
-            Some("CLOSE") => {
-                self.pos += 1;
-                if self.keyword("ALL") {
-                    return Ok(StreamStatement::Close(None));
-                }
-                Ok(StreamStatement::Close(Some(self.ident()?)))
-            }
-            _ => Err(self.error("SUBSCRIBE, COPY, DECLARE, FETCH or CLOSE")),
-        }
-    }
-
-    fn subscribe(&mut self) -> Result<SubscribeSpec> {
-        self.expect("SUBSCRIBE")?;
-        self.keyword("TO");
-        let from = if self.token(&Token::LParen) {
-            let inner = self.parenthesized()?;
-            SubscribeFrom::Query(inner.iter().map(|t| t.to_string()).collect())
-        } else {
-            SubscribeFrom::Relation(self.ident()?)
-        };
-        let mut spec = SubscribeSpec {
-            from,
-            snapshot: true,
-            progress: false,
-        };
-        if self.keyword("WITH") {
-            self.options(|p, name| {
-                match name {
-                    "SNAPSHOT" => spec.snapshot = p.at_option_end() || p.boolean()?,
-                    "PROGRESS" => spec.progress = p.at_option_end() || p.boolean()?,
-                    other => {
-                        return Err(Error::Syntax(format!(
-                            "unknown SUBSCRIBE option {other}: expected SNAPSHOT or PROGRESS"
-                        )))
-                    }
-                }
-                Ok(())
-            })?;
-        }
-        Ok(spec)
-    }
-
-    /// `SUBSCRIBE …` or a query, to the end of `tokens`.
-    fn target(tokens: &[Token]) -> Result<Target> {
-        let mut p = P { t: tokens, pos: 0 };
-        if p.word().as_deref() == Some("SUBSCRIBE") {
-            let s = p.subscribe()?;
-            p.end()?;
-            return Ok(Target::Subscribe(s));
-        }
-        Ok(Target::Query(p.rest()))
-    }
-
-    fn copy(&mut self) -> Result<StreamStatement> {
-        self.expect("COPY")?;
-        let what = if self.token(&Token::LParen) {
-            let inner = self.parenthesized()?;
-            P::target(&inner)?
-        } else {
-            let name = self.ident()?;
-            if self.peek() == Some(&Token::LParen) {
-                return Err(Error::unsupported(
-                    "a column list in COPY is not supported; use COPY (SELECT …) TO STDOUT",
-                ));
-            }
-            Target::Query(format!("SELECT * FROM \"{}\"", name.replace('"', "\"\"")))
-        };
-        self.expect("TO")?;
-        self.expect("STDOUT")?;
-        let mut options = CopyOptions {
-            csv: false,
-            header: false,
-            delimiter: '\t',
-        };
-        let mut delimiter = None;
-        let with = self.keyword("WITH");
-        if with || self.peek() == Some(&Token::LParen) {
-            self.options(|p, name| {
-                match name {
-                    "FORMAT" => {
-                        match p.word().as_deref() {
-                            Some("CSV") => options.csv = true,
-                            Some("TEXT") => options.csv = false,
-                            Some("BINARY") => {
-                                return Err(Error::unsupported(
-                                    "COPY … TO STDOUT (FORMAT binary) is not supported; use text or csv",
-                                ))
-                            }
-                            _ => return Err(p.error("text or csv")),
-                        }
-                        p.pos += 1;
-                    }
-                    "HEADER" => options.header = p.at_option_end() || p.boolean()?,
-                    "DELIMITER" => match p.peek() {
-                        Some(Token::SingleQuotedString(s)) if s.chars().count() == 1 => {
-                            delimiter = s.chars().next();
-                            p.pos += 1;
-                        }
-                        _ => return Err(p.error("a one-character string")),
-                    },
-                    other => {
-                        return Err(Error::unsupported(format!(
-                            "COPY option {other} is not supported"
-                        )))
-                    }
-                }
-                Ok(())
-            })?;
-        }
-        if options.csv {
-            options.delimiter = ',';
-        }
-        if let Some(d) = delimiter {
-            options.delimiter = d;
-        }
-        if options.header && !options.csv {
-            return Err(Error::unsupported(
-                "COPY HEADER is available only in CSV mode",
-            ));
-        }
-        Ok(StreamStatement::Copy { what, options })
-    }
-
-    fn declare(&mut self) -> Result<StreamStatement> {
-        self.expect("DECLARE")?;
-        let name = self.ident()?;
-        if self.keyword("BINARY") {
-            return Err(Error::unsupported("binary cursors are not supported"));
-        }
-        self.keyword("ASENSITIVE");
-        self.keyword("INSENSITIVE");
-        if self.keyword("NO") {
-            self.expect("SCROLL")?;
-        } else if self.keyword("SCROLL") {
-            return Err(Error::unsupported(
-                "scrollable cursors are not supported; cursors only move forward",
-            ));
-        }
-        self.expect("CURSOR")?;
-        if self.keyword("WITH") {
-            self.expect("HOLD")?;
-            return Err(Error::unsupported("WITH HOLD cursors are not supported"));
-        }
-        if self.keyword("WITHOUT") {
-            self.expect("HOLD")?;
-        }
-        self.expect("FOR")?;
-        self.skip_ws();
-        let what = P::target(&self.t[self.pos..])?;
-        self.pos = self.t.len();
-        Ok(StreamStatement::Declare { name, what })
-    }
-
-    fn fetch(&mut self) -> Result<StreamStatement> {
-        self.expect("FETCH")?;
-        let mut count = Some(1);
-        if self.keyword("NEXT") {
-        } else if self.keyword("FORWARD") {
-            if self.keyword("ALL") {
-                count = None;
-            } else if let Some(n) = self.count()? {
-                count = Some(n);
-            }
-        } else if self.keyword("ALL") {
-            count = None;
-        } else if let Some(n) = self.count()? {
-            count = Some(n);
-        } else if let Some(w) = self.word() {
-            if matches!(
-                w.as_str(),
-                "PRIOR" | "FIRST" | "LAST" | "ABSOLUTE" | "RELATIVE" | "BACKWARD"
-            ) {
-                return Err(Error::unsupported(format!(
-                    "FETCH {w} is not supported; cursors only move forward"
-                )));
-            }
-        }
-        if !self.keyword("FROM") {
-            self.keyword("IN");
-        }
-        let name = self.ident()?;
-        let mut timeout = None;
-        if self.keyword("WITH") {
-            self.options(|p, opt| {
-                if opt != "TIMEOUT" {
+fn subscribe(c: &mut Tokens<'_>) -> Result<SubscribeSpec> {
+    c.expect_keyword("SUBSCRIBE")?;
+    c.keyword("TO");
+    let from = if c.token(&Token::LParen) {
+        SubscribeFrom::Query(c.parenthesized_text()?)
+    } else {
+        SubscribeFrom::Relation(c.ident()?)
+    };
+    let mut spec = SubscribeSpec {
+        from,
+        snapshot: true,
+        progress: false,
+    };
+    if c.keyword("WITH") {
+        options(c, |c, name| {
+            match name {
+                "SNAPSHOT" => spec.snapshot = flag(c)?,
+                "PROGRESS" => spec.progress = flag(c)?,
+                other => {
                     return Err(Error::Syntax(format!(
-                        "unknown FETCH option {opt}: expected TIMEOUT"
-                    )));
+                        "unknown SUBSCRIBE option {other}: expected SNAPSHOT or PROGRESS"
+                    )))
                 }
-                let t = match p.peek() {
-                    Some(Token::Number(n, _)) => seconds(n)?,
-                    Some(Token::SingleQuotedString(s)) => interval(s)?,
-                    _ => return Err(p.error("a timeout such as '1s'")),
-                };
-                p.pos += 1;
-                timeout = Some(t);
-                Ok(())
-            })?;
-        }
-        Ok(StreamStatement::Fetch {
-            name,
-            count,
-            timeout,
-        })
+            }
+            Ok(())
+        })?;
     }
+    Ok(spec)
+}
 
-    fn count(&mut self) -> Result<Option<usize>> {
-        if let Some(Token::Number(n, _)) = self.peek() {
-            let v = n.parse::<usize>().map_err(|_| {
-                Error::Syntax(format!(
-                    "syntax error at or near \"{n}\": expected a row count"
-                ))
-            })?;
-            self.pos += 1;
-            return Ok(Some(v));
-        }
-        Ok(None)
+/// `SUBSCRIBE …` or a query, to the end of `c`.
+fn target(c: &mut Tokens<'_>) -> Result<Target> {
+    if c.word().as_deref() == Some("SUBSCRIBE") {
+        let s = subscribe(c)?;
+        c.end()?;
+        return Ok(Target::Subscribe(s));
     }
+    Ok(Target::Query(c.rest_text()))
+}
+
+fn copy(c: &mut Tokens<'_>) -> Result<StreamStatement> {
+    c.expect_keyword("COPY")?;
+    let what = if c.token(&Token::LParen) {
+        let start = c.pos;
+        c.parenthesized_text()?;
+        let mut inner = Tokens {
+            tokens: c.tokens[start..c.pos - 1].to_vec(),
+            pos: 0,
+        };
+        target(&mut inner)?
+    } else {
+        let name = c.ident()?;
+        if c.peek() == Some(&Token::LParen) {
+            return Err(Error::unsupported(
+                "a column list in COPY is not supported; use COPY (SELECT …) TO STDOUT",
+            ));
+        }
+        Target::Query(format!("SELECT * FROM \"{}\"", name.replace('"', "\"\"")))
+    };
+    c.expect_keyword("TO")?;
+    c.expect_keyword("STDOUT")?;
+    let mut options_ = CopyOptions {
+        csv: false,
+        header: false,
+        delimiter: '\t',
+    };
+    let mut delimiter = None;
+    let with = c.keyword("WITH");
+    if with || c.peek() == Some(&Token::LParen) {
+        options(c, |c, name| {
+            match name {
+                "FORMAT" => {
+                    match c.word().as_deref() {
+                        Some("CSV") => options_.csv = true,
+                        Some("TEXT") => options_.csv = false,
+                        Some("BINARY") => return Err(Error::unsupported(
+                            "COPY … TO STDOUT (FORMAT binary) is not supported; use text or csv",
+                        )),
+                        _ => return Err(c.error("text or csv")),
+                    }
+                    c.pos += 1;
+                }
+                "HEADER" => options_.header = flag(c)?,
+                "DELIMITER" => match c.peek() {
+                    Some(Token::SingleQuotedString(s)) if s.chars().count() == 1 => {
+                        delimiter = s.chars().next();
+                        c.pos += 1;
+                    }
+                    _ => return Err(c.error("a one-character string")),
+                },
+                other => {
+                    return Err(Error::unsupported(format!(
+                        "COPY option {other} is not supported"
+                    )))
+                }
+            }
+            Ok(())
+        })?;
+    }
+    if options_.csv {
+        options_.delimiter = ',';
+    }
+    if let Some(d) = delimiter {
+        options_.delimiter = d;
+    }
+    if options_.header && !options_.csv {
+        return Err(Error::unsupported(
+            "COPY HEADER is available only in CSV mode",
+        ));
+    }
+    Ok(StreamStatement::Copy {
+        what,
+        options: options_,
+    })
+}
+
+fn declare(c: &mut Tokens<'_>) -> Result<StreamStatement> {
+    c.expect_keyword("DECLARE")?;
+    let name = c.ident()?;
+    if c.keyword("BINARY") {
+        return Err(Error::unsupported("binary cursors are not supported"));
+    }
+    c.keyword("ASENSITIVE");
+    c.keyword("INSENSITIVE");
+    if c.keyword("NO") {
+        c.expect_keyword("SCROLL")?;
+    } else if c.keyword("SCROLL") {
+        return Err(Error::unsupported(
+            "scrollable cursors are not supported; cursors only move forward",
+        ));
+    }
+    c.expect_keyword("CURSOR")?;
+    if c.keyword("WITH") {
+        c.expect_keyword("HOLD")?;
+        return Err(Error::unsupported("WITH HOLD cursors are not supported"));
+    }
+    if c.keyword("WITHOUT") {
+        c.expect_keyword("HOLD")?;
+    }
+    c.expect_keyword("FOR")?;
+    let what = target(c)?;
+    Ok(StreamStatement::Declare { name, what })
+}
+
+fn fetch(c: &mut Tokens<'_>) -> Result<StreamStatement> {
+    c.expect_keyword("FETCH")?;
+    let mut count = Some(1);
+    if c.keyword("NEXT") {
+    } else if c.keyword("FORWARD") {
+        if c.keyword("ALL") {
+            count = None;
+        } else if let Some(n) = row_count(c)? {
+            count = Some(n);
+        }
+    } else if c.keyword("ALL") {
+        count = None;
+    } else if let Some(n) = row_count(c)? {
+        count = Some(n);
+    } else if let Some(w) = c.word() {
+        if matches!(
+            w.as_str(),
+            "PRIOR" | "FIRST" | "LAST" | "ABSOLUTE" | "RELATIVE" | "BACKWARD"
+        ) {
+            return Err(Error::unsupported(format!(
+                "FETCH {w} is not supported; cursors only move forward"
+            )));
+        }
+    }
+    if !c.keyword("FROM") {
+        c.keyword("IN");
+    }
+    let name = c.ident()?;
+    let mut timeout = None;
+    if c.keyword("WITH") {
+        options(c, |c, opt| {
+            if opt != "TIMEOUT" {
+                return Err(Error::Syntax(format!(
+                    "unknown FETCH option {opt}: expected TIMEOUT"
+                )));
+            }
+            let t = match c.peek() {
+                Some(Token::Number(n, _)) => seconds(n)?,
+                Some(Token::SingleQuotedString(s)) => interval(s)?,
+                _ => return Err(c.error("a timeout such as '1s'")),
+            };
+            c.pos += 1;
+            timeout = Some(t);
+            Ok(())
+        })?;
+    }
+    Ok(StreamStatement::Fetch {
+        name,
+        count,
+        timeout,
+    })
+}
+
+fn row_count(c: &mut Tokens<'_>) -> Result<Option<usize>> {
+    if let Some(Token::Number(n, _)) = c.peek() {
+        let v = n.parse::<usize>().map_err(|_| {
+            Error::Syntax(format!(
+                "syntax error at or near \"{n}\": expected a row count"
+            ))
+        })?;
+        c.pos += 1;
+        return Ok(Some(v));
+    }
+    Ok(None)
 }
 
 fn seconds(n: &str) -> Result<Duration> {
@@ -1038,7 +924,7 @@ mod tests {
         assert!(!spec.snapshot && spec.progress);
         assert_eq!(
             spec.from,
-            SubscribeFrom::Query("SELECT a, count(*) FROM t GROUP BY a".into())
+            SubscribeFrom::Query("SELECT a , count ( * ) FROM t GROUP BY a".into())
         );
         assert!(one("SUBSCRIBE TO").is_err());
         assert!(one("SUBSCRIBE mv WITH (COLOUR true)").is_err());
