@@ -492,3 +492,76 @@ async fn psql_streams_copy_subscribe_until_interrupted() {
         "{err}"
     );
 }
+
+/// `COPY (query) TO STDOUT` and `COPY table TO STDOUT` (what psql's
+/// `\copy … to stdout` sends) in text and CSV, and SUBSCRIBE over the
+/// extended protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_queries_and_extended_protocol_subscribe() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let c = server.connect().await;
+    c.batch_execute(
+        "CREATE TABLE t (k INT PRIMARY KEY, v TEXT);
+         INSERT INTO t VALUES (1, 'a,b'), (2, NULL), (3, 'tab\there');",
+    )
+    .await
+    .unwrap();
+    let read = |sql: &'static str| {
+        let c = &c;
+        async move {
+            let stream = c
+                .copy_out(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{}", err_text(&e)));
+            let chunks: Vec<_> = stream.collect().await;
+            chunks
+                .into_iter()
+                .map(|b| String::from_utf8(b.unwrap().to_vec()).unwrap())
+                .collect::<String>()
+        }
+    };
+    assert_eq!(
+        read("COPY (SELECT k, v FROM t ORDER BY k) TO STDOUT").await,
+        "1\ta,b\n2\t\\N\n3\ttab\\there\n"
+    );
+    assert_eq!(
+        read("COPY (SELECT k, v FROM t ORDER BY k) TO STDOUT WITH (FORMAT csv, HEADER)").await,
+        "k,v\n1,\"a,b\"\n2,\n3,tab\there\n"
+    );
+    let mut all = read("COPY t TO STDOUT")
+        .await
+        .lines()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    all.sort();
+    assert_eq!(all, vec!["1\ta,b", "2\t\\N", "3\ttab\\there"]);
+
+    // Extended protocol: described at Parse, rows streamed as they come.
+    let sub = server.connect().await;
+    let params: Vec<String> = vec![];
+    let stream = sub
+        .query_raw("SUBSCRIBE (SELECT count(*) AS n FROM t)", params)
+        .await
+        .unwrap();
+    let mut stream = Box::pin(stream);
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.get::<_, i64>("sluice_diff"), 1);
+    assert_eq!(first.get::<_, i64>("n"), 3);
+    c.batch_execute("DELETE FROM t WHERE k = 2").await.unwrap();
+    let mut change = Vec::new();
+    for _ in 0..2 {
+        let r = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        change.push((r.get::<_, i64>("sluice_diff"), r.get::<_, i64>("n")));
+    }
+    change.sort();
+    assert_eq!(change, vec![(-1, 3), (1, 2)]);
+}
