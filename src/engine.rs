@@ -194,7 +194,14 @@ impl Engine {
                 CatalogEntry::Table(_) | CatalogEntry::Connection(_) => {}
             }
         }
-        // Views of subscriptions that were open when Sluice stopped.
+        // Views of subscriptions that were open when Sluice stopped, and
+        // the view of a `CREATE SINK … AS SELECT` that crashed before its
+        // sink was written.
+        for name in engine.catalog.mv_names_owned_by(MvOwner::Sink) {
+            if engine.catalog.dependents(&name).is_empty() {
+                leftovers.push(name);
+            }
+        }
         engine.drop_objects(&leftovers)?;
         crate::epoch::spawn(&engine, engine.config.checkpoint_interval)?;
         Ok(engine)

@@ -156,7 +156,9 @@ impl Subscribers {
             }
             let n = data.num_rows();
             let before = e.shared.buffered.fetch_add(n, Ordering::SeqCst);
-            if before + n > e.shared.limit {
+            // A reader that is caught up takes any one commit, however
+            // big: the limit is on what piles up behind it.
+            if before > 0 && before + n > e.shared.limit {
                 e.shared.overflowed.store(true, Ordering::SeqCst);
                 return false;
             }
@@ -178,7 +180,7 @@ impl Subscribers {
                 return !e.tx.is_closed();
             }
             let before = e.shared.buffered.fetch_add(1, Ordering::SeqCst);
-            if before + 1 > e.shared.limit {
+            if before > 0 && before + 1 > e.shared.limit {
                 e.shared.overflowed.store(true, Ordering::SeqCst);
                 return false;
             }
@@ -375,6 +377,16 @@ mod tests {
         assert_eq!(s.next().await.unwrap().num_rows(), 3);
         let e = s.next().await.unwrap_err();
         assert!(matches!(e, Error::LimitExceeded(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_caught_up_reader_takes_a_commit_bigger_than_the_limit() {
+        let subs = Subscribers::default();
+        let b = batch(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        let mut s = subs.register(1, b.schema(), false, 5);
+        subs.publish(1, 1, &b, &Int64Array::from(vec![1; 8]));
+        assert_eq!(subs.count(), 1);
+        assert_eq!(s.next().await.unwrap().num_rows(), 8);
     }
 
     #[tokio::test]

@@ -546,6 +546,17 @@ impl Catalog {
         s.views.get(name).map(|v| Relation::View(v.clone()))
     }
 
+    /// Names of the materialized views Sluice made for `owner`.
+    pub fn mv_names_owned_by(&self, owner: MvOwner) -> Vec<String> {
+        self.state
+            .read()
+            .mvs
+            .values()
+            .filter(|m| m.def.owner == owner)
+            .map(|m| m.def.name.clone())
+            .collect()
+    }
+
     /// Names of all materialized views, sorted.
     pub fn mv_names(&self) -> Vec<String> {
         self.state

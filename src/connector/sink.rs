@@ -20,9 +20,9 @@
 //! `SHOW SINKS` shows the state and the backlog.
 //!
 //! Exactly-once *out of it* (`EXACTLY ONCE`): the writer is a transactional
-//! producer (`transactional.id` = `sluice-sink-<sink id>` unless given as a
+//! producer (`transactional.id` = `sluice-sink-<sink id>-<token>` unless given as a
 //! property) and every round is one Kafka transaction holding whole outbox
-//! entries (up to 64; an entry is never split) **and** a
+//! entries (up to 64 and 20 000 messages; an entry is never split) **and** a
 //! progress marker — a record `{"sink": <token>, "next_seq": n}` in the
 //! sink's progress topic (`<transactional.id>-progress`, one partition,
 //! compacted) saying "entries below `n` are in Kafka". The transaction
@@ -146,7 +146,8 @@ impl std::fmt::Debug for EncoderCache {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExactlyOnce {
     /// `transactional.id` given as a property; by default
-    /// `sluice-sink-<sink id>`.
+    /// `sluice-sink-<sink id>-<token>`, so that two Sluice instances on one
+    /// cluster never fence each other's sinks.
     pub transactional_id: Option<String>,
     /// Made at `CREATE SINK`: only progress markers carrying it are this
     /// sink's (another Sluice, or a sink created again, may reuse the
@@ -371,20 +372,26 @@ fn delete_below(store: &Store, id: u32, next: u64) -> Result<()> {
 
 /// Up to [`ROUND_ENTRIES`] pending entries of sink `id`: (sequence number,
 /// messages).
+/// (Also at most [`ROUND_MESSAGES`] messages, unless one entry alone has
+/// more: an entry is never split.)
 fn pending(store: &Store, id: u32) -> Result<Vec<(u64, Vec<Message>)>> {
     let prefix = outbox_prefix(id);
-    let mut raw: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut out: Vec<(u64, Vec<Message>)> = Vec::new();
+    let mut messages = 0usize;
     store.scan_prefix(&prefix, |k, v| {
         let seq = k
             .get(prefix.len()..)
             .and_then(read_u64)
             .ok_or_else(|| Error::Storage("corrupt sink outbox key".into()))?;
-        raw.push((seq, v.to_vec()));
-        Ok(raw.len() < ROUND_ENTRIES)
+        let msgs = decode_entry(v)?;
+        if !out.is_empty() && messages + msgs.len() > ROUND_MESSAGES {
+            return Ok(false);
+        }
+        messages += msgs.len();
+        out.push((seq, msgs));
+        Ok(out.len() < ROUND_ENTRIES)
     })?;
-    raw.into_iter()
-        .map(|(seq, v)| Ok((seq, decode_entry(&v)?)))
-        .collect()
+    Ok(out)
 }
 
 #[derive(Default)]
@@ -547,6 +554,9 @@ impl Drop for SinkWriter {
 
 /// Most outbox entries sent per round.
 const ROUND_ENTRIES: usize = 64;
+/// Most messages per round (one transaction, one flush), so that a round
+/// of big entries (a snapshot) does not outlast the producer's timeouts.
+const ROUND_MESSAGES: usize = 20_000;
 
 /// Why a round failed.
 #[derive(Debug)]
@@ -704,7 +714,7 @@ impl TxnWriter {
         let transactional_id = eo
             .transactional_id
             .clone()
-            .unwrap_or_else(|| format!("sluice-sink-{id}"));
+            .unwrap_or_else(|| format!("sluice-sink-{id}-{}", eo.token));
         let mut config = spec.client_config();
         config.set("transactional.id", &transactional_id);
         // Validate the configuration now: CREATE SINK fails, not the thread.
@@ -900,7 +910,13 @@ impl TxnWriter {
         }
         // Committed: Kafka has the entries (and the marker saying so), so
         // a crash before this delete loses nothing and repeats nothing.
-        delete_below(store, self.id, next_seq).map_err(Failure::Retry)?;
+        if let Err(e) = delete_below(store, self.id, next_seq) {
+            // Kafka has these entries but the outbox still does: start
+            // over from the progress marker, or the retry would send them
+            // again in a new transaction.
+            self.producer = None;
+            return Err(Failure::Retry(e));
+        }
         Ok(sent)
     }
 }
@@ -1101,7 +1117,7 @@ mod tests {
         let id = 7;
         cluster.create_topic("out", 1, 1).unwrap();
         cluster
-            .create_topic(&progress_topic("sluice-sink-7"), 1, 1)
+            .create_topic(&progress_topic("sluice-sink-7-tok"), 1, 1)
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), false).unwrap());
@@ -1154,7 +1170,7 @@ mod tests {
             .flat_map(|s| (0..2).map(move |i| format!("m{s}.{i}")))
             .collect();
         assert_eq!(committed_values(&brokers, "out"), want);
-        let markers = committed_values(&brokers, &progress_topic("sluice-sink-7"));
+        let markers = committed_values(&brokers, &progress_topic("sluice-sink-7-tok"));
         assert_eq!(markers.len(), 3, "{markers:?}");
         assert!(markers[2].contains(r#""next_seq":6"#), "{markers:?}");
     }

@@ -293,11 +293,16 @@ fn copy(c: &mut Tokens<'_>) -> Result<StreamStatement> {
                 }
                 "HEADER" => options_.header = flag(c)?,
                 "DELIMITER" => match c.peek() {
-                    Some(Token::SingleQuotedString(s)) if s.chars().count() == 1 => {
+                    Some(Token::SingleQuotedString(s))
+                        if s.chars().count() == 1
+                            && !s.contains(['\n', '\r', '\\', '"', '.']) =>
+                    {
                         delimiter = s.chars().next();
                         c.pos += 1;
                     }
-                    _ => return Err(c.error("a one-character string")),
+                    _ => return Err(c.error(
+                        "a one-character string other than a line break, backslash, quote or period",
+                    )),
                 },
                 other => {
                     return Err(Error::unsupported(format!(
@@ -423,7 +428,7 @@ fn seconds(n: &str) -> Result<Duration> {
     n.parse::<f64>()
         .ok()
         .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
         .ok_or_else(|| bad_timeout(n))
 }
 
@@ -991,5 +996,10 @@ mod tests {
         assert_eq!(interval("2 min").unwrap(), Duration::from_secs(120));
         assert_eq!(interval("0").unwrap(), Duration::ZERO);
         assert!(interval("-1s").is_err());
+        // Too big for a Duration: an error, not a panic.
+        assert!(seconds("1e20").is_err());
+        assert!(interval("100000000000000000000").is_err());
+        assert!(one("FETCH c WITH (TIMEOUT 1e20)").is_err());
+        assert!(one("COPY t TO STDOUT (DELIMITER '\\')").is_err());
     }
 }
