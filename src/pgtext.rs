@@ -292,6 +292,22 @@ fn array_item(out: &mut String, item: &str, elem_type: &DataType) {
     out.push('"');
 }
 
+/// Appends the text of `array[row]`: PostgreSQL's form, or Arrow's
+/// display for types without one here. False for NULL (and for a value
+/// Arrow cannot display).
+pub fn write_text(array: &ArrayRef, row: usize, out: &mut String) -> bool {
+    match write_value(array, row, out) {
+        Some(present) => present,
+        None => match datafusion::arrow::util::display::array_value_to_string(array, row) {
+            Ok(s) => {
+                out.push_str(&s);
+                true
+            }
+            Err(_) => false,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -750,14 +750,7 @@ fn unscaled_bytes(v: i128) -> Vec<u8> {
 /// The text of `col[row]` (PostgreSQL's text output); `None` for NULL.
 fn text(col: &ArrayRef, row: usize) -> Option<Vec<u8>> {
     let mut s = String::new();
-    match crate::pgtext::write_value(col, row, &mut s) {
-        Some(false) => None,
-        Some(true) => Some(s.into_bytes()),
-        // No PostgreSQL text form here: Arrow's display.
-        None => datafusion::arrow::util::display::array_value_to_string(col, row)
-            .ok()
-            .map(String::into_bytes),
-    }
+    crate::pgtext::write_text(col, row, &mut s).then(|| s.into_bytes())
 }
 
 /// JSON objects of `batch`, one per row.

@@ -307,25 +307,31 @@ fn rows_response(
         format,
         Some(opts),
     )?);
-    let all_text = fields.iter().all(|f| f.format() == FieldFormat::Text);
     let mut data = Vec::new();
     for batch in rows.batches {
-        match all_text.then(|| text_rows(&batch)).flatten() {
-            Some(encoded) => data.extend(encoded.into_iter().map(Ok)),
-            None => data.extend(arrow_pg::datatypes::encode_recordbatch(
-                fields.clone(),
-                batch,
-            )),
-        }
+        data.extend(data_rows(&fields, batch));
     }
     let mut resp = QueryResponse::new(fields, futures::stream::iter(data));
     resp.set_command_tag(rows.tag);
     Ok(resp)
 }
 
+/// The data rows of `batch` for `fields`: PostgreSQL's own text format
+/// when every column is text and has a text encoder, arrow-pg otherwise.
+pub(super) fn data_rows(
+    fields: &Arc<Vec<FieldInfo>>,
+    batch: datafusion::arrow::array::RecordBatch,
+) -> Vec<PgWireResult<DataRow>> {
+    let all_text = fields.iter().all(|f| f.format() == FieldFormat::Text);
+    match all_text.then(|| text_rows(&batch)).flatten() {
+        Some(encoded) => encoded.into_iter().map(Ok).collect(),
+        None => arrow_pg::datatypes::encode_recordbatch(fields.clone(), batch).collect(),
+    }
+}
+
 /// Encodes a batch in PostgreSQL's text format; `None` if some column type
-/// has no text encoder in [`super::text`].
-pub(super) fn text_rows(batch: &datafusion::arrow::array::RecordBatch) -> Option<Vec<DataRow>> {
+/// has no text encoder in [`crate::pgtext`].
+fn text_rows(batch: &datafusion::arrow::array::RecordBatch) -> Option<Vec<DataRow>> {
     let mut rows = Vec::with_capacity(batch.num_rows());
     let mut cell = String::new();
     for r in 0..batch.num_rows() {
@@ -492,12 +498,10 @@ impl QueryParser for Parser {
     ) -> PgWireResult<Vec<FieldInfo>> {
         match stmt.result_schema() {
             Some(schema) => {
-                let names: Option<Vec<String>> = stmt.column_names.as_ref().map(|n| {
-                    n.iter()
-                        .zip(schema.fields())
-                        .map(|(n, f)| n.clone().unwrap_or_else(|| f.name().clone()))
-                        .collect()
-                });
+                let names: Option<Vec<String>> = stmt
+                    .column_names
+                    .as_ref()
+                    .map(|n| crate::sql::select::resolved_names(n, &schema));
                 pg_fields(
                     &schema,
                     names.as_deref(),

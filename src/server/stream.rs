@@ -13,11 +13,10 @@
 use std::fmt::Debug;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, RecordBatch};
-use datafusion::arrow::util::display::array_value_to_string;
+use datafusion::arrow::array::RecordBatch;
 use futures::{Sink, SinkExt};
 use pgwire::api::portal::Format;
-use pgwire::api::results::{FieldFormat, Response, Tag};
+use pgwire::api::results::{Response, Tag};
 use pgwire::api::ClientInfo;
 use pgwire::error::{PgWireError, PgWireResult};
 use pgwire::messages::copy::{CopyData, CopyDone, CopyOutResponse};
@@ -26,7 +25,7 @@ use pgwire::messages::PgWireBackendMessage;
 use pgwire::types::format::FormatOptions;
 
 use crate::server::errors::to_pgwire;
-use crate::server::handler::{pg_fields, text_rows};
+use crate::server::handler::{data_rows, pg_fields};
 use crate::sql::subscribe::{CopyOptions, Stream};
 
 /// Streams `stream` to the client; returns the final command tag (only a
@@ -62,15 +61,9 @@ where
                     )))
                     .await?;
             }
-            let all_text = fields.iter().all(|f| f.format() == FieldFormat::Text);
             loop {
                 let batch = live.sub.next().await.map_err(to_pgwire)?;
-                let rows = match all_text.then(|| text_rows(&batch)).flatten() {
-                    Some(rows) => rows.into_iter().map(Ok).collect(),
-                    None => arrow_pg::datatypes::encode_recordbatch(fields.clone(), batch)
-                        .collect::<Vec<_>>(),
-                };
-                for row in rows {
+                for row in data_rows(&fields, batch) {
                     client.feed(PgWireBackendMessage::DataRow(row?)).await?;
                 }
                 client.flush().await?;
@@ -157,7 +150,7 @@ fn lines(b: &RecordBatch, options: &CopyOptions) -> Vec<String> {
                 line.push(options.delimiter);
             }
             cell.clear();
-            if !value_text(col, r, &mut cell) {
+            if !crate::pgtext::write_text(col, r, &mut cell) {
                 if !options.csv {
                     line.push_str("\\N");
                 }
@@ -178,20 +171,6 @@ fn lines(b: &RecordBatch, options: &CopyOptions) -> Vec<String> {
         out.push(line);
     }
     out
-}
-
-/// The value's PostgreSQL text; false for NULL.
-fn value_text(col: &ArrayRef, row: usize, out: &mut String) -> bool {
-    match crate::pgtext::write_value(col, row, out) {
-        Some(present) => present,
-        None => match array_value_to_string(col, row) {
-            Ok(s) => {
-                out.push_str(&s);
-                true
-            }
-            Err(_) => false,
-        },
-    }
 }
 
 /// Text format: backslash escapes for the characters that would break a

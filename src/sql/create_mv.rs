@@ -51,12 +51,8 @@ async fn optimized(
     let stmt = ast::Statement::Query(Box::new(query.clone()));
     let logical = engine.plan(&stmt).await?;
     let names: Option<Vec<String>> =
-        select::pg_column_names(query, logical.schema().fields().len()).map(|n| {
-            n.into_iter()
-                .zip(logical.schema().fields())
-                .map(|(n, f)| n.unwrap_or_else(|| f.name().clone()))
-                .collect()
-        });
+        select::pg_column_names(query, logical.schema().fields().len())
+            .map(|n| select::resolved_names(&n, logical.schema().as_arrow()));
     Ok((engine.state().optimize(&logical)?, names))
 }
 

@@ -119,6 +119,16 @@ pub fn parse_sql(sql: &str) -> Result<Vec<Statement>> {
     }
 }
 
+/// The one query of `text` (an embedded `SELECT`); a syntax error saying
+/// `expected` for anything else.
+pub fn parse_query(text: &str, expected: &str) -> Result<Box<ast::Query>> {
+    let mut stmts = parse_sql(text)?;
+    match (stmts.pop(), stmts.is_empty()) {
+        (Some(Statement::Query(q)), true) => Ok(q),
+        _ => Err(Error::Syntax(expected.to_string())),
+    }
+}
+
 /// A statement ready to execute, possibly with parameters (`$1`…).
 #[derive(Debug, Clone)]
 pub struct Prepared {

@@ -20,18 +20,26 @@ pub async fn run(
         Statement::Explain { .. } => "EXPLAIN",
         _ => "SELECT",
     };
-    let names = names.map(|n| {
-        n.into_iter()
-            .zip(schema.fields())
-            .map(|(n, f)| n.unwrap_or_else(|| f.name().clone()))
-            .collect()
-    });
+    let names = names.map(|n| resolved_names(&n, &schema));
     Ok(Outcome::Rows(Rows {
         schema,
         batches,
         names,
         tag,
     }))
+}
+
+/// The result column names to report: PostgreSQL's where
+/// [`pg_column_names`] derived one, DataFusion's otherwise.
+pub fn resolved_names(
+    names: &[Option<String>],
+    schema: &datafusion::arrow::datatypes::Schema,
+) -> Vec<String> {
+    names
+        .iter()
+        .zip(schema.fields())
+        .map(|(n, f)| n.clone().unwrap_or_else(|| f.name().clone()))
+        .collect()
 }
 
 /// PostgreSQL's names for the result columns of `q`, where they can be

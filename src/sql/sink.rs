@@ -76,10 +76,7 @@ pub async fn create(engine: &Engine, c: &CreateSink) -> Result<Outcome> {
     if engine.catalog.get(&view).is_some() {
         return Err(Error::DuplicateObject(view));
     }
-    let q = match crate::sql::parse_sql(query)?.as_slice() {
-        [datafusion::sql::sqlparser::ast::Statement::Query(q)] => q.clone(),
-        _ => return Err(Error::Syntax("CREATE SINK … AS takes one SELECT".into())),
-    };
+    let q = crate::sql::parse_query(query, "CREATE SINK … AS takes one SELECT")?;
     crate::sql::create_mv::create_locked(engine, view.clone(), &q, MvOwner::Sink).await?;
     if let Err(e) = create_locked(engine, c, &view).await {
         let _ = engine.drop_objects(std::slice::from_ref(&view));

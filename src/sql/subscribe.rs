@@ -40,7 +40,7 @@ use crate::engine::Engine;
 use crate::error::{DataErrorKind, Error, Result};
 use crate::query::StoredTable;
 use crate::sql::tokens::Cursor as Tokens;
-use crate::sql::{parse_sql, Ctx, Outcome, Rows};
+use crate::sql::{Ctx, Outcome, Rows};
 use crate::subscription::Subscription;
 
 /// One of the statements of this module.
@@ -596,13 +596,7 @@ pub async fn schema_of(engine: &Engine, spec: &SubscribeSpec) -> Result<Option<S
 
 /// The one `SELECT` of `text`.
 fn one_query(text: &str) -> Result<Box<ast::Query>> {
-    let mut stmts = parse_sql(text)?;
-    match (stmts.pop(), stmts.is_empty()) {
-        (Some(ast::Statement::Query(q)), true) => Ok(q),
-        _ => Err(Error::Syntax(
-            "expected one SELECT (or a relation name) here".into(),
-        )),
-    }
+    crate::sql::parse_query(text, "expected one SELECT (or a relation name) here")
 }
 
 /// A query's result schema with PostgreSQL's column names.
@@ -612,14 +606,10 @@ async fn query_rows_schema(engine: &Engine, text: &str) -> Result<SchemaRef> {
     let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
     Ok(
         match crate::sql::select::pg_column_names(&q, schema.fields().len()) {
-            Some(names) => {
-                let names: Vec<String> = names
-                    .into_iter()
-                    .zip(schema.fields())
-                    .map(|(n, f)| n.unwrap_or_else(|| f.name().clone()))
-                    .collect();
-                rename(&schema, &names)
-            }
+            Some(names) => rename(
+                &schema,
+                &crate::sql::select::resolved_names(&names, &schema),
+            ),
             None => schema,
         },
     )
