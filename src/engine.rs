@@ -163,7 +163,9 @@ impl Engine {
                                 Error::Internal(format!("view \"{}\" lost its state ids", def.name))
                             })
                         },
-                        Some(if def.append_only {
+                        Some(if def.append_only && def.chunked {
+                            Layout::Chunks
+                        } else if def.append_only {
                             Layout::AppendOnly
                         } else if def.key.is_empty() {
                             Layout::Counted

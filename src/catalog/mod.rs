@@ -102,6 +102,11 @@ pub struct MvDef {
     /// without multiplicities.
     #[serde(default)]
     pub append_only: bool,
+    /// An append-only view's rows are stored as Arrow IPC chunks, one per
+    /// commit (see [`crate::state::chunk`]); false for views created before
+    /// chunks, which keep one entry per row.
+    #[serde(default)]
+    pub chunked: bool,
     /// Who made it: a user, or Sluice for a `SUBSCRIBE` to a query
     /// (dropped when the subscription ends, or at the next start).
     #[serde(default)]
@@ -291,6 +296,9 @@ pub struct Table {
     /// Stored values end with a `u64` multiplicity (materialized views
     /// keyed by the whole row).
     pub counted: bool,
+    /// Stored values are Arrow IPC chunks of many rows (append-only
+    /// materialized views).
+    pub chunked: bool,
 }
 
 impl Table {
@@ -305,6 +313,7 @@ impl Table {
             def,
             next_row_id: AtomicU64::new(next_row_id),
             counted: false,
+            chunked: false,
         }
     }
 
@@ -320,6 +329,7 @@ impl Table {
             0,
         );
         t.counted = def.key.is_empty() && !def.append_only;
+        t.chunked = def.append_only && def.chunked;
         t
     }
 

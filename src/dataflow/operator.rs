@@ -10,8 +10,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
-use datafusion::arrow::compute::{filter, filter_record_batch};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt32Array};
+use datafusion::arrow::compute::{filter, filter_record_batch, take_record_batch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::physical_expr::PhysicalExpr;
 use rocksdb::WriteBatch;
@@ -19,6 +19,7 @@ use rocksdb::WriteBatch;
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
 use crate::error::{Error, Result};
+use crate::state::chunk::ChunkCodec;
 use crate::state::encoding::{encode_cell, encode_row, split_counted, table_prefix};
 use crate::state::store::{sys_key, SYS_ROWID};
 use crate::state::Store;
@@ -355,8 +356,9 @@ impl Operator for Project {
 /// (consolidated) delta of the stored relation.
 ///
 /// Two cheaper layouts apply when the planner can prove more (see
-/// [`Layout`]): an append-only view stores each row under a hidden row id
-/// (one blind write per row, no read), and a view with a unique key (the
+/// [`Layout`]): an append-only view stores each commit's rows as one Arrow
+/// IPC chunk (one blind write per commit, no read; see
+/// [`crate::state::chunk`]), and a view with a unique key (the
 /// GROUP BY columns of an aggregate) stores one row per key, so a lookup by
 /// that key is a point read and an update is a delete and a put.
 #[derive(Debug)]
@@ -367,6 +369,8 @@ pub struct Materialize {
     layout: Layout,
     /// Next row id of an append-only view, once read from the store.
     next_row_id: Option<u64>,
+    /// Encoder of [`Layout::Chunks`].
+    chunks: Option<ChunkCodec>,
 }
 
 /// How a view's rows are keyed in RocksDB.
@@ -374,10 +378,13 @@ pub struct Materialize {
 pub enum Layout {
     /// By the whole row, with a multiplicity (duplicates allowed).
     Counted,
-    /// By a hidden row id: the input never retracts (a source through
-    /// filters, projections and inner joins); the counter is staged with
-    /// the rows, like a table without a primary key.
+    /// By a hidden row id, one entry per row: how append-only views were
+    /// stored before [`Layout::Chunks`]; kept for views created then.
     AppendOnly,
+    /// The input never retracts (a source through filters, projections and
+    /// inner joins): each commit's rows are one Arrow IPC chunk keyed by
+    /// its first hidden row id; the counter is staged with them.
+    Chunks,
     /// By these output columns, which are unique: like a table's primary
     /// key.
     Keyed(Vec<usize>),
@@ -385,14 +392,19 @@ pub enum Layout {
 
 impl Materialize {
     /// Materializes rows of `schema` (column types `types`) under `id`.
-    pub fn new(id: u32, types: Vec<SqlType>, schema: SchemaRef, layout: Layout) -> Self {
-        Materialize {
+    pub fn new(id: u32, types: Vec<SqlType>, schema: SchemaRef, layout: Layout) -> Result<Self> {
+        let chunks = match layout {
+            Layout::Chunks => Some(ChunkCodec::new(schema.clone())?),
+            _ => None,
+        };
+        Ok(Materialize {
             id,
             types,
             schema,
             layout,
             next_row_id: None,
-        }
+            chunks,
+        })
     }
 
     /// Applies a consolidated delta of a keyed view: every key has at most
@@ -425,6 +437,47 @@ impl Materialize {
         for (k, v) in puts {
             ctx.put_blind(&k, &v);
         }
+        Ok(())
+    }
+
+    /// Appends the rows of an insert-only delta as one chunk (a row of
+    /// weight w is stored w times).
+    fn append_chunk(&mut self, input: &ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<()> {
+        let codec = self
+            .chunks
+            .as_ref()
+            .ok_or_else(|| Error::Internal("chunked view without a codec".into()))?;
+        let weights = input.weights.values();
+        if let Some(w) = weights.iter().find(|&&w| w < 1) {
+            return Err(Error::Internal(format!(
+                "append-only view {} received weight {w}",
+                self.id
+            )));
+        }
+        let rows = if weights.iter().all(|&w| w == 1) {
+            input.data.clone()
+        } else {
+            let take: Vec<u32> = weights
+                .iter()
+                .enumerate()
+                .flat_map(|(r, &w)| std::iter::repeat_n(r as u32, w as usize))
+                .collect();
+            take_record_batch(&input.data, &UInt32Array::from(take))?
+        };
+        if rows.num_rows() == 0 {
+            return Ok(());
+        }
+        let (counter, next) = match self.next_row_id {
+            Some(n) => (row_id_key(self.id), n),
+            None => ctx.row_id_counter(self.id)?,
+        };
+        let mut key = table_prefix(self.id).to_vec();
+        key.extend_from_slice(&next.to_be_bytes());
+        ctx.put_blind(&key, &codec.encode(&rows)?);
+        let next = next + rows.num_rows() as u64;
+        ctx.put(counter, next.to_be_bytes().to_vec());
+        // If this commit is abandoned the ids are skipped, never reused.
+        self.next_row_id = Some(next);
         Ok(())
     }
 
@@ -476,6 +529,7 @@ impl Operator for Materialize {
         let layout = match &self.layout {
             Layout::Counted => "counted".to_string(),
             Layout::AppendOnly => "append-only".to_string(),
+            Layout::Chunks => "append-only chunks".to_string(),
             Layout::Keyed(k) => format!(
                 "keyed by ({})",
                 k.iter().map(|&i| cols[i]).collect::<Vec<_>>().join(", ")
@@ -489,9 +543,16 @@ impl Operator for Materialize {
     }
 
     fn process(&mut self, input: ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<ChangeBatch> {
-        if self.layout == Layout::AppendOnly {
-            self.append(&input, ctx)?;
-            return Ok(input);
+        match self.layout {
+            Layout::Chunks => {
+                self.append_chunk(&input, ctx)?;
+                return Ok(input);
+            }
+            Layout::AppendOnly => {
+                self.append(&input, ctx)?;
+                return Ok(input);
+            }
+            _ => {}
         }
         let delta = input.consolidate()?;
         if let Layout::Keyed(cols) = &self.layout {
@@ -791,7 +852,8 @@ mod tests {
             vec![SqlType::Int8, SqlType::Text],
             s.clone(),
             Layout::Counted,
-        );
+        )
+        .unwrap();
         let mut step = |text: &str| {
             let mut batch = WriteBatch::default();
             let out = {

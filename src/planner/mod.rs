@@ -115,11 +115,11 @@ pub fn plan_view(
     // A view re-planned at startup keeps the layout its rows were stored
     // in (a view created by an older Sluice may predate a layout).
     let layout = stored_layout.unwrap_or(match (append_only, key.is_empty()) {
-        (true, _) => Layout::AppendOnly,
+        (true, _) => Layout::Chunks,
         (false, false) => Layout::Keyed(key.clone()),
         (false, true) => Layout::Counted,
     });
-    root = unary(Materialize::new(id, types, schema, layout), root);
+    root = unary(Materialize::new(id, types, schema, layout)?, root);
     Ok(PlannedView {
         pipeline: Pipeline::new(id, root),
         sources: cx.sources,

@@ -179,6 +179,9 @@ pub async fn create_locked(
         key,
         state_ids,
         append_only,
+        // Views created now store append-only rows in chunks (the layout
+        // `plan_view` picked above).
+        chunked: append_only,
         owner,
     };
     engine.catalog.stage_mv(&def, &mut batch)?;
