@@ -58,6 +58,9 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0xFF; prefix.len() + 1]
 }
 
+/// Values at least this big are stored in blob files (see [`Store::open`]).
+const MIN_BLOB_BYTES: u64 = 16 * 1024;
+
 /// A handle on the RocksDB database.
 #[derive(Debug)]
 pub struct Store {
@@ -81,6 +84,14 @@ impl Store {
         opts.create_if_missing(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Zstd);
         opts.increase_parallelism(2);
+        // Large values (an append-only view's chunks: one per commit, often
+        // megabytes) go to blob files at flush, so compactions move small
+        // references instead of rewriting the rows level after level; blobs
+        // of dropped views are reclaimed by blob GC during compaction.
+        opts.set_enable_blob_files(true);
+        opts.set_min_blob_size(MIN_BLOB_BYTES);
+        opts.set_blob_compression_type(rocksdb::DBCompressionType::Zstd);
+        opts.set_enable_blob_gc(true);
         let db = DB::open(&opts, dir).map_err(|e| {
             let msg = e.into_string();
             if msg.contains("lock") || msg.contains("LOCK") {
