@@ -200,6 +200,8 @@ impl Operator for TopN {
         // to which its new rows are added (nothing else can change).
         let mut before: HashMap<Vec<u8>, Entries> = HashMap::new();
         let mut diff: Vec<(Vec<ScalarValue>, i64)> = Vec::new();
+        // Keys of the delta's rows (append-only input).
+        let mut added: HashSet<Vec<u8>> = HashSet::new();
         for r in 0..n {
             let mut prefix = table_prefix(self.state_id).to_vec();
             for ((_, t), a) in self.partition.iter().zip(&part_arrays) {
@@ -255,10 +257,9 @@ impl Operator for TopN {
                 key.extend_from_slice(&next_id.to_be_bytes());
                 next_id += 1;
                 row.extend_from_slice(&(w as u64).to_be_bytes());
-                if let Some(entries) = before.get_mut(&prefix) {
-                    entries.push((key.clone(), row.clone()));
-                }
-                ctx.put(key, row);
+                // Stored below, only if it ranks among the first rows.
+                added.insert(key.clone());
+                before.entry(prefix).or_default().push((key, row));
             } else {
                 key.extend_from_slice(&row);
                 ctx.add_count(key, row, w)?;
@@ -272,11 +273,27 @@ impl Operator for TopN {
         if self.append_only {
             // The new first rows are the first of the old first rows and
             // the delta's rows: every other stored row already ranked
-            // beyond them and only moves further back.
+            // beyond them and only moves further back. A row that ranks
+            // beyond the rows the output can need never comes back (the
+            // input only inserts), so it is not kept: the state of a
+            // partition stays at most its first rows (q18's "last bid per
+            // bidder and auction" keeps one row per pair, not every bid).
+            let (_, want, _) = self.bounds();
             for prefix in &touched {
                 let mut entries = before.remove(prefix).unwrap_or_default();
                 entries.sort_by(|a, b| a.0.cmp(&b.0));
                 diff.extend(self.number(&entries)?);
+                let mut ranked = 0usize;
+                for (key, row) in entries {
+                    let new = added.remove(&key);
+                    let keep = ranked < want;
+                    ranked = ranked.saturating_add(split_counted(&row)?.1.max(0) as usize);
+                    match (keep, new) {
+                        (true, true) => ctx.put(key, row),
+                        (false, false) => ctx.delete(key),
+                        _ => {}
+                    }
+                }
             }
         } else {
             for entries in self.entries_many(ctx, &touched)? {
@@ -354,6 +371,74 @@ mod tests {
         assert_eq!(out[1], "+1 | a | 10\n-1 | b | 30");
         // DESC puts NULLs first, as in PostgreSQL.
         assert_eq!(out[2], "+1 | n | NULL\n-1 | a | 10");
+    }
+
+    /// Over an insert-only input, the append-only operator answers like the
+    /// general one (seeded random deltas, ties and duplicates included) and
+    /// keeps at most the first `limit` rows of each partition.
+    #[test]
+    fn append_only_top_n_matches_the_general_one_and_keeps_only_first_rows() {
+        let s = schema();
+        let out_schema = Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Utf8, true),
+            Field::new("pts", DataType::Int64, true),
+            Field::new("rn", DataType::UInt64, true),
+        ]));
+        let make = |id, append_only| {
+            TopN::new(
+                id,
+                vec![(col("g", &s).unwrap(), SqlType::Text)],
+                vec![key(true)],
+                vec![SqlType::Text, SqlType::Int8],
+                TopNMode::RowNumber { limit: Some(2) },
+                out_schema.clone(),
+            )
+            .with_append_only(append_only)
+        };
+        let (mut general, mut append) = (make(6, false), make(7, true));
+        let mut seed = 42u64;
+        let mut next = |m: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % m
+        };
+        let steps: Vec<String> = (0..40)
+            .map(|_| {
+                (0..1 + next(4))
+                    .map(|_| {
+                        let w = 1 + next(2);
+                        format!("+{w} | {} | {}", ["a", "b", "c"][next(3) as usize], next(8))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        for text in &steps {
+            let mut outs = Vec::new();
+            for op in [&mut general, &mut append] {
+                let mut batch = WriteBatch::default();
+                let mut ctx = OpCtx::new(&store, &mut batch);
+                let out = op
+                    .process(ChangeBatch::from_pretty(s.clone(), text).unwrap(), &mut ctx)
+                    .unwrap();
+                store.write(batch).unwrap();
+                outs.push(out.to_pretty().unwrap());
+            }
+            assert_eq!(outs[0], outs[1], "after {text}");
+        }
+        // Three partitions, at most two stored rows each (a row stored with
+        // weight 2 fills both places).
+        let mut stored = 0;
+        store
+            .scan_prefix(&table_prefix(7), |_, _| {
+                stored += 1;
+                Ok(true)
+            })
+            .unwrap();
+        assert!((3..=6).contains(&stored), "{stored} rows kept");
     }
 
     #[test]
