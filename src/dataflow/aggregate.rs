@@ -12,7 +12,7 @@
 //! (nothing when they are equal). A global aggregate (no GROUP BY) always
 //! has its one row, as in batch SQL.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray};
@@ -20,6 +20,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Decimal128Type, Float64Type, Int64Type, SchemaRef};
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::PhysicalExpr;
+use rustc_hash::FxHashMap;
 
 use super::operator::{cast_to_types, evaluate_all, OpCtx, Operator};
 use super::ChangeBatch;
@@ -718,36 +719,37 @@ impl Operator for HashAggregate {
                 None => Ok(None),
             })
             .collect::<Result<Vec<Option<ArrayRef>>>>()?;
-        // Group the delta's rows by encoded group key, in first-seen order.
-        let mut touched: Vec<(Vec<u8>, Vec<ScalarValue>)> = Vec::new();
-        let mut states: HashMap<Vec<u8>, (Option<GroupState>, GroupState)> = HashMap::new();
+        // Group the delta's rows by encoded group key, in first-seen order:
+        // (key, key values, state before, state after).
+        type Touched = (Vec<u8>, Vec<ScalarValue>, Option<GroupState>, GroupState);
+        let mut touched: Vec<Touched> = Vec::new();
+        let mut index: FxHashMap<Vec<u8>, usize> = FxHashMap::default();
         let mut key = Vec::new();
         for r in 0..n {
             key.clear();
             for (g, t) in groups.iter().zip(&self.group_types) {
                 encode_cell(&mut key, t, g.as_ref(), r)?;
             }
-            if !states.contains_key(key.as_slice()) {
-                let old = self.load(ctx, &key)?;
-                let cur = old.clone().unwrap_or_else(|| self.empty_state());
-                let key_values = groups
-                    .iter()
-                    .map(|g| ScalarValue::try_from_array(g.as_ref(), r))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                touched.push((key.clone(), key_values));
-                states.insert(key.clone(), (old, cur));
-            }
-            let (_, cur) = states
-                .get_mut(key.as_slice())
-                .ok_or_else(|| Error::Internal("group vanished".into()))?;
-            self.apply(cur, &args, &args2, r, input.weights.value(r))?;
+            let i = match index.get(key.as_slice()) {
+                Some(&i) => i,
+                None => {
+                    let old = self.load(ctx, &key)?;
+                    let cur = old.clone().unwrap_or_else(|| self.empty_state());
+                    let key_values = groups
+                        .iter()
+                        .map(|g| ScalarValue::try_from_array(g.as_ref(), r))
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    index.insert(key.clone(), touched.len());
+                    touched.push((key.clone(), key_values, old, cur));
+                    touched.len() - 1
+                }
+            };
+            self.apply(&mut touched[i].3, &args, &args2, r, input.weights.value(r))?;
         }
+        drop(index);
         let global = self.group_exprs.is_empty();
         let mut out = Vec::new();
-        for (key, key_values) in touched {
-            let (old, new) = states
-                .remove(&key)
-                .ok_or_else(|| Error::Internal("group vanished".into()))?;
+        for (key, key_values, old, new) in touched {
             if new.rows < 0 {
                 return Err(Error::Internal(
                     "a group would have a negative row count".into(),

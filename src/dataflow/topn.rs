@@ -14,13 +14,13 @@
 //! the first n rows of a partition; otherwise it re-reads the whole touched
 //! partition (O(partition) per change, exact).
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::PhysicalExpr;
+use rustc_hash::FxHashMap;
 
 use super::operator::{cast_to_types, evaluate_all, row_id_key, OpCtx, Operator};
 use super::ChangeBatch;
@@ -30,6 +30,10 @@ use crate::state::encoding::{decode_row, encode_cell, encode_row, split_counted,
 
 /// Stored (key, value) entries of a partition, in key order.
 type Entries = super::operator::KeyValues;
+
+/// A partition's entry while a delta merges in: key, value, and whether
+/// this delta added it (not stored yet).
+type MergeEntry = (Vec<u8>, Vec<u8>, bool);
 
 /// One ORDER BY term.
 #[derive(Debug)]
@@ -127,11 +131,14 @@ impl TopN {
 
     /// The output rows of a partition whose entries, in key order, start
     /// with `entries`.
-    fn number(&self, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<(Vec<ScalarValue>, i64)>> {
+    fn number<'v>(
+        &self,
+        values: impl Iterator<Item = &'v [u8]>,
+    ) -> Result<Vec<(Vec<ScalarValue>, i64)>> {
         let (offset, want, numbered) = self.bounds();
         let mut out = Vec::new();
         let mut seen = 0usize;
-        for (_, v) in entries {
+        for v in values {
             let (encoded, count) = split_counted(v)?;
             let row = decode_row(encoded, &self.row_types)?;
             for _ in 0..count {
@@ -193,29 +200,39 @@ impl Operator for TopN {
         )?;
         // Partition prefix of every row, and each touched partition's
         // output before the delta.
-        let mut prefixes = Vec::with_capacity(n);
+        // Each touched partition once, in first-seen order, and the
+        // partition of every row (one hash lookup per row).
+        let mut index: FxHashMap<Vec<u8>, usize> = FxHashMap::default();
         let mut touched: Vec<Vec<u8>> = Vec::new();
-        let mut seen: HashSet<Vec<u8>> = HashSet::new();
-        // Append-only input: each partition's entries before the delta,
-        // to which its new rows are added (nothing else can change).
-        let mut before: HashMap<Vec<u8>, Entries> = HashMap::new();
-        let mut diff: Vec<(Vec<ScalarValue>, i64)> = Vec::new();
-        // Keys of the delta's rows (append-only input).
-        let mut added: HashSet<Vec<u8>> = HashSet::new();
+        let mut part_of: Vec<usize> = Vec::with_capacity(n);
+        let mut prefix = Vec::new();
         for r in 0..n {
-            let mut prefix = table_prefix(self.state_id).to_vec();
+            prefix.clear();
+            prefix.extend_from_slice(&table_prefix(self.state_id));
             for ((_, t), a) in self.partition.iter().zip(&part_arrays) {
                 encode_cell(&mut prefix, t, a.as_ref(), r)?;
             }
-            if seen.insert(prefix.clone()) {
-                touched.push(prefix.clone());
-            }
-            prefixes.push(prefix);
+            let p = match index.get(prefix.as_slice()) {
+                Some(&p) => p,
+                None => {
+                    index.insert(prefix.clone(), touched.len());
+                    touched.push(prefix.clone());
+                    touched.len() - 1
+                }
+            };
+            part_of.push(p);
         }
-        for (prefix, entries) in touched.iter().zip(self.entries_many(ctx, &touched)?) {
-            diff.extend(self.number(&entries)?.into_iter().map(|(row, _)| (row, -1)));
+        drop(index);
+        let mut diff: Vec<(Vec<ScalarValue>, i64)> = Vec::new();
+        // Append-only input: each partition's first entries before the
+        // delta (key, value, added by this delta), to which its new rows
+        // are added (nothing else can change).
+        let mut parts: Vec<Vec<MergeEntry>> = Vec::new();
+        for entries in self.entries_many(ctx, &touched)? {
+            let old = self.number(entries.iter().map(|(_, v)| v.as_slice()))?;
+            diff.extend(old.into_iter().map(|(row, _)| (row, -1)));
             if self.append_only {
-                before.insert(prefix.clone(), entries);
+                parts.push(entries.into_iter().map(|(k, v)| (k, v, false)).collect());
             }
         }
         let (counter, mut next_id) = match self.next_row_id {
@@ -229,20 +246,19 @@ impl Operator for TopN {
         )?;
         let row_types: Vec<&SqlType> = self.row_types.iter().collect();
         let columns: Vec<&ArrayRef> = input.data.columns().iter().collect();
-        for (r, prefix) in prefixes.into_iter().enumerate() {
-            let mut key = prefix.clone();
+        for (r, &p) in part_of.iter().enumerate() {
+            let mut key = touched[p].clone();
             for (k, a) in self.keys.iter().zip(&key_arrays) {
                 if a.data_type() == &DataType::Null || a.is_null(r) {
                     key.push(if k.nulls_first { 0x00 } else { 0x02 });
                     continue;
                 }
                 key.push(0x01);
-                let mut enc = Vec::new();
-                encode_cell(&mut enc, &k.ty, a.as_ref(), r)?;
+                let from = key.len();
+                encode_cell(&mut key, &k.ty, a.as_ref(), r)?;
                 if !k.asc {
-                    enc.iter_mut().for_each(|b| *b = !*b);
+                    key[from..].iter_mut().for_each(|b| *b = !*b);
                 }
-                key.extend_from_slice(&enc);
             }
             let mut row = Vec::new();
             encode_row(&mut row, &row_types, &columns, r)?;
@@ -258,8 +274,7 @@ impl Operator for TopN {
                 next_id += 1;
                 row.extend_from_slice(&(w as u64).to_be_bytes());
                 // Stored below, only if it ranks among the first rows.
-                added.insert(key.clone());
-                before.entry(prefix).or_default().push((key, row));
+                parts[p].push((key, row, true));
             } else {
                 key.extend_from_slice(&row);
                 ctx.add_count(key, row, w)?;
@@ -269,8 +284,6 @@ impl Operator for TopN {
             ctx.put(counter, next_id.to_be_bytes().to_vec());
             // An abandoned commit skips these ids; it never reuses them.
             self.next_row_id = Some(next_id);
-        }
-        if self.append_only {
             // The new first rows are the first of the old first rows and
             // the delta's rows: every other stored row already ranked
             // beyond them and only moves further back. A row that ranks
@@ -279,13 +292,11 @@ impl Operator for TopN {
             // partition stays at most its first rows (q18's "last bid per
             // bidder and auction" keeps one row per pair, not every bid).
             let (_, want, _) = self.bounds();
-            for prefix in &touched {
-                let mut entries = before.remove(prefix).unwrap_or_default();
+            for mut entries in parts {
                 entries.sort_by(|a, b| a.0.cmp(&b.0));
-                diff.extend(self.number(&entries)?);
+                diff.extend(self.number(entries.iter().map(|(_, v, _)| v.as_slice()))?);
                 let mut ranked = 0usize;
-                for (key, row) in entries {
-                    let new = added.remove(&key);
+                for (key, row, new) in entries {
                     let keep = ranked < want;
                     ranked = ranked.saturating_add(split_counted(&row)?.1.max(0) as usize);
                     match (keep, new) {
@@ -297,7 +308,7 @@ impl Operator for TopN {
             }
         } else {
             for entries in self.entries_many(ctx, &touched)? {
-                diff.extend(self.number(&entries)?);
+                diff.extend(self.number(entries.iter().map(|(_, v)| v.as_slice()))?);
             }
         }
         ChangeBatch::from_rows(&self.schema, diff)?.consolidate()
