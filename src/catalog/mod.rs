@@ -937,3 +937,35 @@ fn put_entry(batch: &mut WriteBatch, entry: &CatalogEntry) -> Result<()> {
     batch.put(sys_key(SYS_CATALOG, &entry.id().to_be_bytes()), json);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data directory written before chunked views has append-only views
+    /// without the `chunked` field: they keep reading their per-row layout.
+    #[test]
+    fn append_only_views_from_before_chunks_keep_their_row_layout() {
+        let old = r#"{"materialized_view":{"id":3,"name":"v","sql":"SELECT n FROM c",
+            "depends_on":["c"],"columns":[{"name":"n","ty":"int8","nullable":true}],
+            "key":[],"state_ids":[],"append_only":true}}"#;
+        let CatalogEntry::MaterializedView(def) = serde_json::from_str(old).unwrap() else {
+            panic!("not a view")
+        };
+        assert!(def.append_only && !def.chunked);
+        let t = Table::for_mv(&def);
+        assert!(!t.chunked && !t.counted);
+        let new = MvDef {
+            chunked: true,
+            ..def
+        };
+        let back: CatalogEntry = serde_json::from_slice(
+            &serde_json::to_vec(&CatalogEntry::MaterializedView(new)).unwrap(),
+        )
+        .unwrap();
+        let CatalogEntry::MaterializedView(def) = back else {
+            panic!("not a view")
+        };
+        assert!(Table::for_mv(&def).chunked);
+    }
+}
