@@ -20,7 +20,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Decimal128Type, Float64Type, Int64Type, SchemaRef};
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::PhysicalExpr;
-use rustc_hash::FxHashMap;
+use foldhash::HashMap as FastMap;
 
 use super::operator::{cast_to_types, evaluate_all, OpCtx, Operator};
 use super::ChangeBatch;
@@ -723,7 +723,7 @@ impl Operator for HashAggregate {
         // (key, key values, state before, state after).
         type Touched = (Vec<u8>, Vec<ScalarValue>, Option<GroupState>, GroupState);
         let mut touched: Vec<Touched> = Vec::new();
-        let mut index: FxHashMap<Vec<u8>, usize> = FxHashMap::default();
+        let mut index: FastMap<Vec<u8>, usize> = FastMap::default();
         let mut key = Vec::new();
         for r in 0..n {
             key.clear();

@@ -20,7 +20,7 @@
 //! other-side row. Deltas are applied one row at a time against the current
 //! state of both sides, which is exact for any sequence of changes.
 
-use rustc_hash::FxHashMap;
+use foldhash::HashMap as FastMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -214,7 +214,7 @@ impl Join {
         };
         // Key arrays in the key types, cast once per delta.
         let keys = cast_to_types(evaluate_all(&me.keys, &delta.data)?, &me.key_types)?;
-        let mut other_rows: FxHashMap<Vec<u8>, Vec<(Vec<ScalarValue>, i64)>> = FxHashMap::default();
+        let mut other_rows: FastMap<Vec<u8>, Vec<(Vec<ScalarValue>, i64)>> = FastMap::default();
         let row_types: Vec<&SqlType> = me.row_types.iter().collect();
         let columns: Vec<&ArrayRef> = delta.data.columns().iter().collect();
         for r in 0..n {

@@ -448,7 +448,8 @@ impl Materialize {
             .as_ref()
             .ok_or_else(|| Error::Internal("chunked view without a codec".into()))?;
         let weights = input.weights.values();
-        if let Some(w) = weights.iter().find(|&&w| w < 1) {
+        // A weight-0 row is stored zero times, as in the per-row layout.
+        if let Some(w) = weights.iter().find(|&&w| w < 0) {
             return Err(Error::Internal(format!(
                 "append-only view {} received weight {w}",
                 self.id

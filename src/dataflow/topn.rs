@@ -20,7 +20,7 @@ use datafusion::arrow::array::{Array, ArrayRef};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::PhysicalExpr;
-use rustc_hash::FxHashMap;
+use foldhash::HashMap as FastMap;
 
 use super::operator::{cast_to_types, evaluate_all, row_id_key, OpCtx, Operator};
 use super::ChangeBatch;
@@ -202,7 +202,7 @@ impl Operator for TopN {
         // output before the delta.
         // Each touched partition once, in first-seen order, and the
         // partition of every row (one hash lookup per row).
-        let mut index: FxHashMap<Vec<u8>, usize> = FxHashMap::default();
+        let mut index: FastMap<Vec<u8>, usize> = FastMap::default();
         let mut touched: Vec<Vec<u8>> = Vec::new();
         let mut part_of: Vec<usize> = Vec::with_capacity(n);
         let mut prefix = Vec::new();

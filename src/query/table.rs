@@ -409,7 +409,11 @@ mod tests {
                 Layout::AppendOnly
             };
             let mut m = Materialize::new(7, table.types(), table.schema.clone(), layout).unwrap();
-            for delta in ["+1 | 1 | a\n+2 | 2 | NULL", "+1 | 3 | c", "+1 | NULL | d"] {
+            for delta in [
+                "+1 | 1 | a\n+2 | 2 | NULL\n0 | 9 | zero",
+                "+1 | 3 | c",
+                "+1 | NULL | d",
+            ] {
                 let mut batch = WriteBatch::default();
                 let mut ctx = OpCtx::new(&store, &mut batch);
                 let input = ChangeBatch::from_pretty(table.schema.clone(), delta).unwrap();

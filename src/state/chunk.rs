@@ -103,10 +103,13 @@ fn corrupt(e: datafusion::arrow::error::ArrowError) -> Error {
 mod tests {
     use super::*;
     use datafusion::arrow::array::{
-        ArrayRef, BooleanArray, Decimal128Array, Float64Array, Int64Array, StringArray,
-        TimestampMicrosecondArray,
+        ArrayRef, BinaryArray, BooleanArray, Date32Array, Decimal128Array, Float32Array,
+        Float64Array, Int16Array, Int32Array, Int64Array, IntervalMonthDayNanoArray, ListArray,
+        StringArray, Time64MicrosecondArray, TimestampMicrosecondArray,
     };
-    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use datafusion::arrow::datatypes::{
+        DataType, Field, Int64Type, IntervalMonthDayNano, IntervalUnit, Schema, TimeUnit,
+    };
     use std::sync::Arc;
 
     fn batch() -> RecordBatch {
@@ -117,6 +120,23 @@ mod tests {
             Field::new("b", DataType::Boolean, true),
             Field::new("d", DataType::Decimal128(10, 2), true),
             Field::new("t", DataType::Timestamp(TimeUnit::Microsecond, None), true),
+            Field::new(
+                "tz",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
+            Field::new("i2", DataType::Int16, true),
+            Field::new("i4", DataType::Int32, true),
+            Field::new("f4", DataType::Float32, true),
+            Field::new("by", DataType::Binary, true),
+            Field::new("da", DataType::Date32, true),
+            Field::new("ti", DataType::Time64(TimeUnit::Microsecond), true),
+            Field::new("iv", DataType::Interval(IntervalUnit::MonthDayNano), true),
+            Field::new(
+                "li",
+                DataType::List(Arc::new(Field::new_list_field(DataType::Int64, true))),
+                true,
+            ),
         ]));
         let columns: Vec<ArrayRef> = vec![
             Arc::new(Int64Array::from(vec![Some(1), None, Some(-3)])),
@@ -132,6 +152,33 @@ mod tests {
                 Some(0),
                 Some(1),
                 None,
+            ])),
+            Arc::new(
+                TimestampMicrosecondArray::from(vec![None, Some(-5), Some(7)]).with_timezone("UTC"),
+            ),
+            Arc::new(Int16Array::from(vec![Some(-2), None, Some(3)])),
+            Arc::new(Int32Array::from(vec![None, Some(i32::MAX), Some(0)])),
+            Arc::new(Float32Array::from(vec![Some(0.25), None, Some(-1.0)])),
+            Arc::new(BinaryArray::from(vec![
+                Some(&b"\x00\xff"[..]),
+                None,
+                Some(&b""[..]),
+            ])),
+            Arc::new(Date32Array::from(vec![Some(19000), None, Some(-1)])),
+            Arc::new(Time64MicrosecondArray::from(vec![
+                None,
+                Some(1),
+                Some(86_399_999_999),
+            ])),
+            Arc::new(IntervalMonthDayNanoArray::from(vec![
+                Some(IntervalMonthDayNano::new(1, -2, 3_000)),
+                None,
+                Some(IntervalMonthDayNano::new(0, 0, 0)),
+            ])),
+            Arc::new(ListArray::from_iter_primitive::<Int64Type, _, _>(vec![
+                Some(vec![Some(1), None]),
+                None,
+                Some(vec![]),
             ])),
         ];
         RecordBatch::try_new(schema, columns).unwrap()
