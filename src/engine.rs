@@ -163,15 +163,7 @@ impl Engine {
                                 Error::Internal(format!("view \"{}\" lost its state ids", def.name))
                             })
                         },
-                        Some(if def.append_only && def.chunked {
-                            Layout::Chunks
-                        } else if def.append_only {
-                            Layout::AppendOnly
-                        } else if def.key.is_empty() {
-                            Layout::Counted
-                        } else {
-                            Layout::Keyed(def.key.clone())
-                        }),
+                        Some(Layout::of_stored(&def)),
                     )?;
                     if planned.columns != def.columns {
                         return Err(Error::Internal(format!(

@@ -18,6 +18,7 @@ use rocksdb::WriteBatch;
 
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
+use crate::catalog::MvDef;
 use crate::error::{Error, Result};
 use crate::state::chunk::ChunkCodec;
 use crate::state::encoding::{encode_cell, encode_row, split_counted, table_prefix};
@@ -390,6 +391,22 @@ pub enum Layout {
     Keyed(Vec<usize>),
 }
 
+impl Layout {
+    /// The layout a stored view's rows were written in (a view created by
+    /// an older Sluice may predate a layout).
+    pub fn of_stored(def: &MvDef) -> Layout {
+        if def.append_only && def.chunked {
+            Layout::Chunks
+        } else if def.append_only {
+            Layout::AppendOnly
+        } else if def.key.is_empty() {
+            Layout::Counted
+        } else {
+            Layout::Keyed(def.key.clone())
+        }
+    }
+}
+
 impl Materialize {
     /// Materializes rows of `schema` (column types `types`) under `id`.
     pub fn new(id: u32, types: Vec<SqlType>, schema: SchemaRef, layout: Layout) -> Result<Self> {
@@ -440,6 +457,14 @@ impl Materialize {
         Ok(())
     }
 
+    /// The row-id counter's key and this view's next row id.
+    fn row_ids(&self, ctx: &OpCtx<'_>) -> Result<(Vec<u8>, u64)> {
+        match self.next_row_id {
+            Some(n) => Ok((row_id_key(self.id), n)),
+            None => ctx.row_id_counter(self.id),
+        }
+    }
+
     /// Appends the rows of an insert-only delta as one chunk (a row of
     /// weight w is stored w times).
     fn append_chunk(&mut self, input: &ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<()> {
@@ -468,10 +493,7 @@ impl Materialize {
         if rows.num_rows() == 0 {
             return Ok(());
         }
-        let (counter, next) = match self.next_row_id {
-            Some(n) => (row_id_key(self.id), n),
-            None => ctx.row_id_counter(self.id)?,
-        };
+        let (counter, next) = self.row_ids(ctx)?;
         let mut key = table_prefix(self.id).to_vec();
         key.extend_from_slice(&next.to_be_bytes());
         ctx.put_blind(&key, &codec.encode(&rows)?);
@@ -483,10 +505,7 @@ impl Materialize {
     }
 
     fn append(&mut self, input: &ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<()> {
-        let (counter, mut next) = match self.next_row_id {
-            Some(n) => (row_id_key(self.id), n),
-            None => ctx.row_id_counter(self.id)?,
-        };
+        let (counter, mut next) = self.row_ids(ctx)?;
         let types: Vec<&SqlType> = self.types.iter().collect();
         let arrays: Vec<&ArrayRef> = input.data.columns().iter().collect();
         let mut key = table_prefix(self.id).to_vec();

@@ -46,6 +46,8 @@ pub struct PlannedView {
     pub append_only: bool,
     /// Output columns that are a unique key (empty: none known).
     pub key: Vec<usize>,
+    /// How the view's rows are stored.
+    pub layout: Layout,
 }
 
 /// Plans the maintenance of view `id` from its optimized query plan.
@@ -119,13 +121,14 @@ pub fn plan_view(
         (false, false) => Layout::Keyed(key.clone()),
         (false, true) => Layout::Counted,
     });
-    root = unary(Materialize::new(id, types, schema, layout)?, root);
+    root = unary(Materialize::new(id, types, schema, layout.clone())?, root);
     Ok(PlannedView {
         pipeline: Pipeline::new(id, root),
         sources: cx.sources,
         columns,
         append_only,
         key,
+        layout,
     })
 }
 

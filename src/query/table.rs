@@ -104,8 +104,10 @@ impl StoredTable {
     /// Reads the rows selected by `filters` (all rows if they select no
     /// point keys), at most `limit` when there are no filters.
     pub fn read(&self, filters: &[Expr], limit: Option<usize>) -> Result<Vec<RecordBatch>> {
+        // A limit applies to the scan only without filters (DataFusion
+        // filters above it).
+        let limit = if filters.is_empty() { limit } else { None };
         if self.table.chunked {
-            let limit = if filters.is_empty() { limit } else { None };
             return self.read_chunks(limit);
         }
         let types = self.table.types();
@@ -118,7 +120,6 @@ impl StoredTable {
                 }
             }
             None => {
-                let limit = if filters.is_empty() { limit } else { None };
                 let mut n = 0usize;
                 self.store
                     .scan_prefix(&table_prefix(self.table.def.id), |_, v| {
@@ -403,11 +404,7 @@ mod tests {
                 owner: MvOwner::User,
             };
             let table = Arc::new(Table::for_mv(&def));
-            let layout = if chunked {
-                Layout::Chunks
-            } else {
-                Layout::AppendOnly
-            };
+            let layout = Layout::of_stored(&def);
             let mut m = Materialize::new(7, table.types(), table.schema.clone(), layout).unwrap();
             for delta in [
                 "+1 | 1 | a\n+2 | 2 | NULL\n0 | 9 | zero",

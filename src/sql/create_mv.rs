@@ -18,7 +18,7 @@ use rocksdb::WriteBatch;
 use crate::catalog::{
     read_positions, read_source_offset, MvDef, MvOwner, Relation, SourceConnector,
 };
-use crate::dataflow::operator::OpCtx;
+use crate::dataflow::operator::{Layout, OpCtx};
 use crate::dataflow::ChangeBatch;
 use crate::engine::Engine;
 use crate::epoch::MAX_EPOCH_ROWS;
@@ -105,6 +105,7 @@ pub async fn create_locked(
         columns,
         append_only,
         key,
+        layout,
     } = planned;
 
     // Backfill: each source's current rows, as one insertion delta each
@@ -179,9 +180,7 @@ pub async fn create_locked(
         key,
         state_ids,
         append_only,
-        // Views created now store append-only rows in chunks (the layout
-        // `plan_view` picked above).
-        chunked: append_only,
+        chunked: layout == Layout::Chunks,
         owner,
     };
     engine.catalog.stage_mv(&def, &mut batch)?;
