@@ -332,6 +332,11 @@ impl RecordDecoder {
         Ok(self)
     }
 
+    /// Whether the source's rows carry the metadata column `m`.
+    pub fn includes(&self, m: Meta) -> bool {
+        self.include.contains(&m)
+    }
+
     /// Rejects values over `bytes`.
     pub fn with_max_record_bytes(mut self, bytes: usize) -> Self {
         self.max_record_bytes = bytes;
