@@ -429,6 +429,8 @@ impl Materialize {
     /// a key is both).
     fn upsert(&self, delta: &ChangeBatch, key_cols: &[usize], ctx: &mut OpCtx<'_>) -> Result<()> {
         let arrays: Vec<&ArrayRef> = delta.data.columns().iter().collect();
+        let types: Vec<&SqlType> = self.types.iter().collect();
+        let mut deletes: foldhash::HashSet<Vec<u8>> = Default::default();
         let mut puts: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         for r in 0..delta.len() {
             let mut key = table_prefix(self.id).to_vec();
@@ -436,10 +438,11 @@ impl Materialize {
                 encode_cell(&mut key, &self.types[c], arrays[c].as_ref(), r)?;
             }
             match delta.weights.value(r) {
-                -1 => ctx.delete_blind(&key),
+                -1 => {
+                    deletes.insert(key);
+                }
                 1 => {
                     let mut row = Vec::new();
-                    let types: Vec<&SqlType> = self.types.iter().collect();
                     encode_row(&mut row, &types, &arrays, r)?;
                     puts.push((key, row));
                 }
@@ -450,6 +453,15 @@ impl Materialize {
                     )))
                 }
             }
+        }
+        // A key both deleted and put (an aggregate's changed group) needs
+        // only the put: the value replaces the old one, and the memtable
+        // takes one entry instead of two.
+        for (k, _) in &puts {
+            deletes.remove(k);
+        }
+        for k in &deletes {
+            ctx.delete_blind(k);
         }
         for (k, v) in puts {
             ctx.put_blind(&k, &v);
