@@ -172,7 +172,24 @@ async fn sluice_ingest(addr: &str, topic: &str, n: u64, view: &str) -> f64 {
         let s = engine.driver.status();
         if s[0].offset >= n {
             assert_eq!(s[0].errors, 0, "bad records in the benchmark topic");
-            return start.elapsed().as_secs_f64();
+            let secs = start.elapsed().as_secs_f64();
+            if std::env::var("BENCH_VERBOSE").is_ok() {
+                let rows = match run(&mut session, "SELECT count(*) FROM v").await {
+                    Outcome::Rows(r) => r
+                        .batches
+                        .iter()
+                        .find(|b| b.num_rows() > 0)
+                        .and_then(|b| b.column(0).as_any().downcast_ref::<Int64Array>())
+                        .map_or(0, |a| a.value(0)),
+                    _ => 0,
+                };
+                eprintln!(
+                    "  {} epochs ({:.0} records each), view rows {rows}",
+                    engine.driver.epochs(),
+                    n as f64 / engine.driver.epochs().max(1) as f64
+                );
+            }
+            return secs;
         }
         assert!(!s[0].state.starts_with("failed"), "{}", s[0].state);
         tokio::time::sleep(Duration::from_millis(2)).await;
