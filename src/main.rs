@@ -35,8 +35,39 @@ struct Args {
     checkpoint_interval_ms: u64,
 }
 
+/// RocksDB's C++ is built for SSE 4.2 and PCLMUL on x86-64 (see
+/// `.cargo/config.toml`); on a CPU without them it would die on an illegal
+/// instruction somewhere in storage. Say so up front instead.
+fn check_cpu() -> anyhow::Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let flags = option_env!("CXXFLAGS_x86_64_unknown_linux_gnu").unwrap_or("");
+        for (flag, feature, has) in [
+            (
+                "-msse4.2",
+                "SSE 4.2",
+                std::arch::is_x86_feature_detected!("sse4.2"),
+            ),
+            (
+                "-mpclmul",
+                "PCLMULQDQ",
+                std::arch::is_x86_feature_detected!("pclmulqdq"),
+            ),
+        ] {
+            if flags.contains(flag) && !has {
+                anyhow::bail!(
+                    "this sluice binary was built for CPUs with {feature}, which this CPU lacks; \
+                     rebuild with CXXFLAGS_x86_64_unknown_linux_gnu=\"\" (see .cargo/config.toml)"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    check_cpu()?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
