@@ -42,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use super::format::{
     BadRecord, Decoded, Envelope, Format, HeaderRef, KeyedOp, Meta, RecordDecoder, RecordRef,
 };
+use super::kafka_batch::BatchQueue;
 use crate::error::{Error, Result};
 
 /// `(topic, partition) → next offset to read`.
@@ -580,8 +581,12 @@ impl KafkaReader {
             }
             None => None,
         };
+        // Partitions go to the reader's batch queue, attached before they
+        // are assigned (see `kafka_batch`).
+        let mut batch = BatchQueue::new(consumer.clone())?;
         let mut tpl = TopicPartitionList::new();
         for ((t, p), o) in positions {
+            batch.attach(t, *p)?;
             tpl.add_partition_offset(t, *p, Offset::Offset(*o))
                 .map_err(|e| Error::Connector(e.to_string()))?;
         }
@@ -613,7 +618,7 @@ impl KafkaReader {
                         on_data,
                         dead_letter,
                     };
-                    read_loop(&consumer, &shared, &spec, &decoder, io, assigned)
+                    read_loop(&consumer, batch, &shared, &spec, &decoder, io, assigned)
                 })?
         };
         Ok(KafkaReader {
@@ -754,6 +759,7 @@ struct ReaderIo {
 
 fn read_loop(
     consumer: &BaseConsumer,
+    mut batch: BatchQueue,
     shared: &Shared,
     spec: &KafkaSpec,
     decoder: &RecordDecoder,
@@ -766,7 +772,15 @@ fn read_loop(
     while !shared.stop.load(Ordering::Relaxed) {
         if last_refresh.is_none_or(|t| t.elapsed() >= REFRESH) {
             let elapsed = last_refresh.map(|t| t.elapsed().as_secs_f64());
-            refresh(consumer, shared, spec, re.as_ref(), &mut assigned, elapsed);
+            refresh(
+                consumer,
+                &mut batch,
+                shared,
+                spec,
+                re.as_ref(),
+                &mut assigned,
+                elapsed,
+            );
             last_refresh = Some(Instant::now());
         }
         let commit_due = last_commit.is_none_or(|t| t.elapsed() >= GROUP_COMMIT_EVERY);
@@ -780,41 +794,33 @@ fn read_loop(
                 tracing::debug!("committing offsets to the consumer group: {e}");
             }
         }
-        let mut msgs = Vec::new();
+        // Events (errors, commit results) come on the consumer queue;
+        // records on the batch queue.
+        if !serve_events(consumer, shared) {
+            return;
+        }
         // Wait up to 100 ms for a first record, then up to CHUNK_WAIT for
-        // the chunk to fill. While the local queue has records, poll with
-        // a zero timeout: librdkafka then reads no clock and neither do we
-        // (rdkafka's wrapper still reads one per poll); clock reads per
-        // record were ~5 % of the reader's time.
+        // the chunk to fill, taking whatever the queue holds per call.
+        let mut msgs = Vec::with_capacity(CHUNK_RECORDS);
         let mut first: Option<Instant> = None;
-        let mut draining = false;
         while msgs.len() < CHUNK_RECORDS {
-            let timeout = match first {
-                None => Duration::from_millis(100),
-                Some(_) if draining => Duration::ZERO,
+            let (timeout, want) = match first {
+                None => (Duration::from_millis(100), 1),
                 Some(t) => match CHUNK_WAIT.checked_sub(t.elapsed()) {
-                    Some(left) if !left.is_zero() => left,
-                    _ => break,
+                    Some(left) => (left, CHUNK_RECORDS - msgs.len()),
+                    None => break,
                 },
             };
-            match consumer.poll(timeout) {
-                None if first.is_none() => break,
-                // The queue ran dry: wait out the rest of CHUNK_WAIT.
-                None if draining => draining = false,
-                // Timed out, or an event other than a record: the loop
-                // head decides by the clock.
-                None => {}
-                Some(Ok(m)) => {
-                    msgs.push(m);
-                    first.get_or_insert_with(Instant::now);
-                    draining = true;
-                }
-                Some(Err(e)) => {
-                    tracing::warn!("Kafka: {e}");
-                    shared.status.lock().error = Some(e.to_string());
-                    break;
-                }
+            let before = msgs.len();
+            if let Some(e) = batch.consume(timeout, want, &mut msgs) {
+                tracing::warn!("{e}");
+                shared.status.lock().error = Some(e);
+                break;
             }
+            if msgs.len() == before {
+                break;
+            }
+            first.get_or_insert_with(Instant::now);
         }
         if msgs.is_empty() {
             continue;
@@ -911,8 +917,40 @@ fn read_loop(
 }
 
 /// Assigns new partitions, notices missing topics, samples watermarks.
+/// Serves what is waiting on the consumer queue: errors (an unreachable
+/// broker) become the source's visible state, other events are handled by
+/// rdkafka. Records never arrive there (each partition is attached to the
+/// batch queue before it is assigned); if one did, its partition's records
+/// would be split between two queues, so the reader stops with an error
+/// instead of reading past it. Returns whether to go on.
+fn serve_events(consumer: &BaseConsumer, shared: &Shared) -> bool {
+    // Bounded: a flood of events must not starve the records.
+    for _ in 0..64 {
+        match consumer.poll(Duration::ZERO) {
+            None => break,
+            Some(Ok(m)) => {
+                let e = format!(
+                    "internal error: record {}/{} offset {} bypassed the batch queue",
+                    m.topic(),
+                    m.partition(),
+                    m.offset()
+                );
+                tracing::error!("{e}");
+                shared.status.lock().error = Some(e);
+                return false;
+            }
+            Some(Err(e)) => {
+                tracing::warn!("Kafka: {e}");
+                shared.status.lock().error = Some(e.to_string());
+            }
+        }
+    }
+    true
+}
+
 fn refresh(
     consumer: &BaseConsumer,
+    batch: &mut BatchQueue,
     shared: &Shared,
     spec: &KafkaSpec,
     re: Option<&regex::Regex>,
@@ -938,6 +976,10 @@ fn refresh(
     if !new.is_empty() {
         let mut tpl = TopicPartitionList::new();
         for (t, p) in &new {
+            if let Err(e) = batch.attach(t, *p) {
+                shared.status.lock().error = Some(e.to_string());
+                return;
+            }
             let _ = tpl.add_partition_offset(t, *p, Offset::Offset(spec.start_of(t, *p)));
         }
         match consumer.incremental_assign(&tpl) {

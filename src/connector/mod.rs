@@ -11,7 +11,8 @@
 //! The connectors are the built-in [`generator`]s (a counter and Nexmark),
 //! which need no external system, so a fresh Sluice can stream out of the
 //! box, and [`kafka`] topics — also offset-addressed logs, one offset per
-//! partition — decoded by [`mod@format`]. Sinks ([`sink`]) write a relation's
+//! partition — read in batches through [`kafka_batch`] and decoded by
+//! [`mod@format`]. Sinks ([`sink`]) write a relation's
 //! changes to Kafka in a [`sink_format`]. The module speaks Arrow and knows
 //! nothing of SQL: it imports neither the catalog (which imports connector
 //! types) nor any layer above. Sink formats work from a relation's Arrow
@@ -23,6 +24,7 @@ pub mod avro;
 pub mod format;
 pub mod generator;
 pub mod kafka;
+pub mod kafka_batch;
 pub mod sink;
 pub mod sink_format;
 
