@@ -128,3 +128,13 @@ pub mod sql;
 pub mod state;
 pub mod subscription;
 pub mod system_tables;
+
+/// mimalloc instead of glibc's malloc for every Rust allocation in the
+/// process (server, tests and benchmarks alike, so they measure the same
+/// thing). The epoch thread allocates per group and per key (staged
+/// writes, encoded keys, scalar values) and the reader per batch; glibc's
+/// malloc and free were a fifth of the epoch thread's samples in a GROUP BY
+/// view (perf, `docs/benchmarks.md`). RocksDB's and librdkafka's C/C++
+/// allocations keep the system allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
