@@ -4,7 +4,11 @@
 //! ```sh
 //! cargo bench --bench kafka                       # BENCH_RECORDS=5000000
 //! BENCH_RECORDS=1000000 cargo bench --bench kafka
+//! BENCH_SOURCE_PROPS="'fetch.wait.max.ms' '100'" cargo bench --bench kafka
 //! ```
+//!
+//! `BENCH_SOURCE_PROPS` adds librdkafka properties to the benchmark's
+//! `CREATE SOURCE` (to try a setting before making it a default).
 //!
 //! 1. Starts Tansu (in-memory) on a free port and produces BENCH_RECORDS
 //!    Nexmark bids as JSON into a 4-partition topic.
@@ -153,7 +157,12 @@ async fn sluice_ingest(addr: &str, topic: &str, n: u64, view: &str) -> f64 {
     run(
         &mut session,
         &format!(
-            "CREATE SOURCE bids {SOURCE_COLUMNS} FROM KAFKA (BROKERS '{addr}', TOPIC '{topic}') FORMAT JSON"
+            "CREATE SOURCE bids {SOURCE_COLUMNS} FROM KAFKA (BROKERS '{addr}', TOPIC '{topic}'{}) FORMAT JSON",
+            std::env::var("BENCH_SOURCE_PROPS")
+                .ok()
+                .filter(|p| !p.trim().is_empty())
+                .map(|p| format!(", {p}"))
+                .unwrap_or_default()
         ),
     )
     .await;
