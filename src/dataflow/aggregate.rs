@@ -141,7 +141,7 @@ enum Acc {
     /// (non-NULL inputs, exact integer/decimal sum, float sum)
     Sum(i64, i128, f64),
     /// encoded value → (value, count)
-    Set(BTreeMap<Vec<u8>, (ScalarValue, i64)>),
+    Set(ValueSet),
     /// (true inputs, false inputs)
     Bools(i64, i64),
     /// n and [Σa, Σb, Σa², Σb², Σab], exact in `i128` for integer inputs,
@@ -149,10 +149,144 @@ enum Acc {
     Stats(i64, [i128; 5], [f64; 5]),
 }
 
+/// A multiset of values, ordered by their memcomparable encoding (which
+/// orders as the values do): encoded value → (value, count).
+///
+/// Why not always a `BTreeMap`: its first entry allocates a whole node
+/// (~1 KiB for these entries), and most sets hold one value — an
+/// insert-only MIN/MAX keeps only its extreme — loaded for every group an
+/// epoch touches. Those allocations and their page faults were ~10 % of
+/// the epoch thread in a GROUP BY over Kafka (docs/benchmarks.md). Up to
+/// [`SMALL_SET`] values live in a sorted `Vec`; a set that grows beyond
+/// becomes a `BTreeMap` (and stays one: sets that grew once tend to again).
+#[derive(Debug, Clone)]
+enum ValueSet {
+    Small(Vec<(Vec<u8>, ScalarValue, i64)>),
+    Large(BTreeMap<Vec<u8>, (ScalarValue, i64)>),
+}
+
+/// Most values a [`ValueSet`] keeps in a sorted `Vec`.
+const SMALL_SET: usize = 16;
+
+impl ValueSet {
+    fn new() -> ValueSet {
+        ValueSet::Small(Vec::new())
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            ValueSet::Small(v) => v.len(),
+            ValueSet::Large(m) => m.len(),
+        }
+    }
+
+    /// (encoded, value, count) in order.
+    fn iter(&self) -> Box<dyn DoubleEndedIterator<Item = (&[u8], &ScalarValue, i64)> + '_> {
+        match self {
+            ValueSet::Small(v) => Box::new(v.iter().map(|(k, x, c)| (k.as_slice(), x, *c))),
+            ValueSet::Large(m) => Box::new(m.iter().map(|(k, (x, c))| (k.as_slice(), x, *c))),
+        }
+    }
+
+    /// The least value (encoded, value).
+    fn first(&self) -> Option<(&[u8], &ScalarValue)> {
+        match self {
+            ValueSet::Small(v) => v.first().map(|(k, x, _)| (k.as_slice(), x)),
+            ValueSet::Large(m) => m.iter().next().map(|(k, (x, _))| (k.as_slice(), x)),
+        }
+    }
+
+    /// The greatest value (encoded, value).
+    fn last(&self) -> Option<(&[u8], &ScalarValue)> {
+        match self {
+            ValueSet::Small(v) => v.last().map(|(k, x, _)| (k.as_slice(), x)),
+            ValueSet::Large(m) => m.iter().next_back().map(|(k, (x, _))| (k.as_slice(), x)),
+        }
+    }
+
+    fn contains(&self, enc: &[u8]) -> bool {
+        match self {
+            ValueSet::Small(v) => v.binary_search_by(|e| e.0.as_slice().cmp(enc)).is_ok(),
+            ValueSet::Large(m) => m.contains_key(enc),
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = ValueSet::new();
+    }
+
+    /// Adds `w` to `enc`'s count, inserting it (its value from `value`) if
+    /// new and removing it when the count reaches zero.
+    fn add(
+        &mut self,
+        enc: &[u8],
+        w: i64,
+        value: impl FnOnce() -> Result<ScalarValue>,
+    ) -> Result<()> {
+        match self {
+            ValueSet::Small(v) => match v.binary_search_by(|e| e.0.as_slice().cmp(enc)) {
+                Ok(i) => {
+                    v[i].2 += w;
+                    if v[i].2 == 0 {
+                        v.remove(i);
+                    }
+                }
+                Err(i) => {
+                    if v.len() < SMALL_SET {
+                        v.insert(i, (enc.to_vec(), value()?, w));
+                    } else {
+                        let mut m: BTreeMap<_, _> =
+                            v.drain(..).map(|(k, x, c)| (k, (x, c))).collect();
+                        m.insert(enc.to_vec(), (value()?, w));
+                        *self = ValueSet::Large(m);
+                    }
+                }
+            },
+            ValueSet::Large(m) => match m.get_mut(enc) {
+                Some(e) => {
+                    e.1 += w;
+                    if e.1 == 0 {
+                        m.remove(enc);
+                    }
+                }
+                None => {
+                    m.insert(enc.to_vec(), (value()?, w));
+                }
+            },
+        }
+        Ok(())
+    }
+
+    /// A set of one value, or an empty one.
+    fn just(e: Option<(&[u8], &ScalarValue, i64)>) -> ValueSet {
+        ValueSet::Small(
+            e.map(|(k, x, c)| (k.to_vec(), x.clone(), c))
+                .into_iter()
+                .collect(),
+        )
+    }
+}
+
+impl PartialEq for ValueSet {
+    fn eq(&self, other: &ValueSet) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 struct GroupState {
     rows: i64,
     accs: Vec<Acc>,
+}
+
+/// A group one delta touches.
+struct Touched {
+    /// The encoded group key.
+    key: Vec<u8>,
+    key_values: Vec<ScalarValue>,
+    /// The group's output row before the delta (none for a new group).
+    old_row: Option<Vec<ScalarValue>>,
+    state: GroupState,
 }
 
 fn is_float(t: &DataType) -> bool {
@@ -225,7 +359,7 @@ impl HashAggregate {
                     AggKind::Count => Acc::Count(0),
                     AggKind::Sum | AggKind::Avg => Acc::Sum(0, 0, 0.0),
                     AggKind::Min | AggKind::Max | AggKind::CountDistinct => {
-                        Acc::Set(BTreeMap::new())
+                        Acc::Set(ValueSet::new())
                     }
                     AggKind::BoolAnd | AggKind::BoolOr => Acc::Bools(0, 0),
                     AggKind::Stat(_) => Acc::Stats(0, [0; 5], [0.0; 5]),
@@ -240,11 +374,9 @@ impl HashAggregate {
         k
     }
 
-    fn load(&self, ctx: &OpCtx<'_>, group: &[u8]) -> Result<Option<GroupState>> {
-        let Some(v) = ctx.get(&self.key(group))? else {
-            return Ok(None);
-        };
-        let mut buf = v.as_slice();
+    /// A group's state from its stored form.
+    fn decode_state(&self, v: &[u8]) -> Result<GroupState> {
+        let mut buf = v;
         let rows = get_i64(&mut buf)?;
         let mut accs = Vec::with_capacity(self.aggs.len());
         for (a, t) in self.aggs.iter().zip(&self.arg_sql_types) {
@@ -273,18 +405,19 @@ impl HashAggregate {
                         .as_ref()
                         .ok_or_else(|| Error::Internal("min/max without type".into()))?;
                     let len = get_i64(&mut buf)?;
-                    let mut set = BTreeMap::new();
+                    let mut set = ValueSet::new();
                     for _ in 0..len {
                         let before = buf;
                         let v = decode_value(&mut buf, t)?;
-                        let enc = before[..before.len() - buf.len()].to_vec();
-                        set.insert(enc, (v, get_i64(&mut buf)?));
+                        let enc = &before[..before.len() - buf.len()];
+                        let count = get_i64(&mut buf)?;
+                        set.add(enc, count, || Ok(v))?;
                     }
                     Acc::Set(set)
                 }
             });
         }
-        Ok(Some(GroupState { rows, accs }))
+        Ok(GroupState { rows, accs })
     }
 
     fn store(&self, ctx: &mut OpCtx<'_>, group: &[u8], s: &GroupState) -> Result<()> {
@@ -302,12 +435,7 @@ impl HashAggregate {
                     } else {
                         set.iter().next_back()
                     };
-                    pruned = Acc::Set(
-                        extreme
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .into_iter()
-                            .collect(),
-                    );
+                    pruned = Acc::Set(ValueSet::just(extreme));
                     &pruned
                 }
                 _ => acc,
@@ -334,9 +462,9 @@ impl HashAggregate {
                 }
                 Acc::Set(set) => {
                     put_i64(&mut v, set.len() as i64)?;
-                    for (enc, (_, c)) in set {
+                    for (enc, _, c) in set.iter() {
                         v.extend_from_slice(enc);
-                        put_i64(&mut v, *c)?;
+                        put_i64(&mut v, c)?;
                     }
                 }
             }
@@ -361,12 +489,12 @@ impl HashAggregate {
                         sum_or_avg(a, *n, *i, *f)?
                     }
                 }
-                (AggKind::Min, Acc::Set(set)) => match set.values().next() {
-                    Some((v, _)) => v.clone(),
+                (AggKind::Min, Acc::Set(set)) => match set.first() {
+                    Some((_, v)) => v.clone(),
                     None => ScalarValue::try_from(&a.out_type)?,
                 },
-                (AggKind::Max, Acc::Set(set)) => match set.values().next_back() {
-                    Some((v, _)) => v.clone(),
+                (AggKind::Max, Acc::Set(set)) => match set.last() {
+                    Some((_, v)) => v.clone(),
                     None => ScalarValue::try_from(&a.out_type)?,
                 },
                 (AggKind::BoolAnd, Acc::Bools(t, f)) => {
@@ -426,137 +554,291 @@ impl HashAggregate {
             .collect()
     }
 
-    /// Folds row `r` of the (cast) argument arrays into `s` with weight `w`.
-    fn apply(
+    /// Folds aggregate `idx` of every row of the delta into its group's
+    /// state, one aggregate at a time so each argument array is downcast
+    /// once per delta instead of once per row. The common accumulators have
+    /// typed loops; the rest go row by row through [`Self::apply_one`].
+    /// (Per accumulator the rows are still folded in delta order, so float
+    /// sums come out bit for bit as before.)
+    #[allow(clippy::too_many_arguments)]
+    fn fold(
         &self,
-        s: &mut GroupState,
+        idx: usize,
+        states: &mut [Touched],
+        row_group: &[usize],
         args: &[ArrayRef],
         args2: &[Option<ArrayRef>],
+        weights: &[i64],
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        let a = &self.aggs[idx];
+        let arr = args[idx].as_ref();
+        let arr2 = args2[idx].as_deref();
+        let may_skip = |b: &dyn Array| b.data_type() == &DataType::Null || b.null_count() > 0;
+        let nullable = may_skip(arr) || arr2.is_some_and(may_skip);
+        let skip = |r: usize| nullable && (null_at(arr, r) || arr2.is_some_and(|b| null_at(b, r)));
+        let mismatch = || Error::Internal("aggregate state does not match".into());
+        let rows = row_group.iter().copied().zip(weights.iter().copied());
+        match (a.kind, arr.data_type()) {
+            (AggKind::Count, _) => {
+                for (r, (g, w)) in rows.enumerate() {
+                    if skip(r) {
+                        continue;
+                    }
+                    let Acc::Count(c) = &mut states[g].state.accs[idx] else {
+                        return Err(mismatch());
+                    };
+                    *c += w;
+                }
+            }
+            (AggKind::Sum | AggKind::Avg, DataType::Float64) => {
+                let v = arr.as_primitive::<Float64Type>().values();
+                for (r, (g, w)) in rows.enumerate() {
+                    if skip(r) {
+                        continue;
+                    }
+                    let Acc::Sum(n, _, f) = &mut states[g].state.accs[idx] else {
+                        return Err(mismatch());
+                    };
+                    *n += w;
+                    *f += v[r] * w as f64;
+                }
+            }
+            (AggKind::Sum | AggKind::Avg, DataType::Int64 | DataType::Decimal128(..)) => {
+                let ints = arr.as_primitive_opt::<Int64Type>().map(|a| a.values());
+                let decimals = arr.as_primitive_opt::<Decimal128Type>().map(|a| a.values());
+                for (r, (g, w)) in rows.enumerate() {
+                    if skip(r) {
+                        continue;
+                    }
+                    let x = match (ints, decimals) {
+                        (Some(v), _) => v[r] as i128,
+                        (None, Some(v)) => v[r],
+                        (None, None) => return Err(mismatch()),
+                    };
+                    let Acc::Sum(n, i, _) = &mut states[g].state.accs[idx] else {
+                        return Err(mismatch());
+                    };
+                    *n += w;
+                    *i = add_weighted(*i, x, w, "sum out of range")?;
+                }
+            }
+            (AggKind::Min | AggKind::Max, _)
+                if self.insert_only && weights.iter().all(|&w| w > 0) =>
+            {
+                let t = self.arg_sql_types[idx]
+                    .as_ref()
+                    .ok_or_else(|| Error::Internal("min/max without type".into()))?;
+                let max = a.kind == AggKind::Max;
+                let Some(best) = extremes(t, arr, &skip, row_group, weights, states.len(), max)
+                else {
+                    return self.fold_rows(idx, states, row_group, arr, arr2, weights, scratch);
+                };
+                // Only each group's extreme of the delta can change its
+                // answer: fold that one row, with the weight of all rows
+                // holding the value (what folding each would have counted).
+                for (g, b) in best.into_iter().enumerate() {
+                    if let Some((r, w)) = b {
+                        let acc = &mut states[g].state.accs[idx];
+                        self.apply_one(idx, acc, arr, arr2, r, w, scratch)?;
+                    }
+                }
+            }
+            _ => return self.fold_rows(idx, states, row_group, arr, arr2, weights, scratch),
+        }
+        Ok(())
+    }
+
+    /// [`Self::fold`] row by row.
+    #[allow(clippy::too_many_arguments)]
+    fn fold_rows(
+        &self,
+        idx: usize,
+        states: &mut [Touched],
+        row_group: &[usize],
+        arr: &dyn Array,
+        arr2: Option<&dyn Array>,
+        weights: &[i64],
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        for (r, (&g, &w)) in row_group.iter().zip(weights).enumerate() {
+            let acc = &mut states[g].state.accs[idx];
+            self.apply_one(idx, acc, arr, arr2, r, w, scratch)?;
+        }
+        Ok(())
+    }
+
+    /// Folds row `r` of aggregate `idx`'s (cast) argument arrays into `acc`
+    /// with weight `w`.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_one(
+        &self,
+        idx: usize,
+        acc: &mut Acc,
+        arr: &dyn Array,
+        arr2: Option<&dyn Array>,
         r: usize,
         w: i64,
         scratch: &mut Vec<u8>,
     ) -> Result<()> {
-        s.rows += w;
-        for (idx, (a, acc)) in self.aggs.iter().zip(&mut s.accs).enumerate() {
-            let arr = args[idx].as_ref();
-            if null_at(arr, r) || args2[idx].as_ref().is_some_and(|b| null_at(b.as_ref(), r)) {
-                continue;
+        let a = &self.aggs[idx];
+        if null_at(arr, r) || arr2.is_some_and(|b| null_at(b, r)) {
+            return Ok(());
+        }
+        match acc {
+            Acc::Count(c) => *c += w,
+            Acc::Bools(t, f) => match ScalarValue::try_from_array(arr, r)? {
+                ScalarValue::Boolean(Some(true)) => *t += w,
+                _ => *f += w,
+            },
+            Acc::Stats(n, i, f) => {
+                *n += w;
+                let v = ScalarValue::try_from_array(arr, r)?;
+                let b = match arr2 {
+                    Some(b) => Some(ScalarValue::try_from_array(b, r)?),
+                    None => None,
+                };
+                if self.exact_stats(a) {
+                    let x = as_i128(&v)?;
+                    let y = match &b {
+                        Some(b) => as_i128(b)?,
+                        None => 0,
+                    };
+                    let terms = [x, y, x * x, y * y, x * y];
+                    for (acc, t) in i.iter_mut().zip(terms) {
+                        *acc = add_weighted(*acc, t, w, "statistic out of range")?;
+                    }
+                } else {
+                    let x = as_f64(&v)?;
+                    let y = match &b {
+                        Some(b) => as_f64(b)?,
+                        None => 0.0,
+                    };
+                    let terms = [x, y, x * x, y * y, x * y];
+                    for (acc, t) in f.iter_mut().zip(terms) {
+                        *acc += t * w as f64;
+                    }
+                }
             }
-            match acc {
-                Acc::Count(c) => *c += w,
-                Acc::Bools(t, f) => match ScalarValue::try_from_array(arr, r)? {
-                    ScalarValue::Boolean(Some(true)) => *t += w,
-                    _ => *f += w,
-                },
-                Acc::Stats(n, i, f) => {
-                    *n += w;
-                    let v = ScalarValue::try_from_array(arr, r)?;
-                    let b = match &args2[idx] {
-                        Some(b) => Some(ScalarValue::try_from_array(b.as_ref(), r)?),
-                        None => None,
+            Acc::Sum(n, i, f) => {
+                *n += w;
+                match arr.data_type() {
+                    DataType::Float64 => {
+                        *f += arr.as_primitive::<Float64Type>().value(r) * w as f64;
+                    }
+                    DataType::Int64 => {
+                        let x = arr.as_primitive::<Int64Type>().value(r) as i128;
+                        *i = add_weighted(*i, x, w, "sum out of range")?;
+                    }
+                    DataType::Decimal128(..) => {
+                        let x = arr.as_primitive::<Decimal128Type>().value(r);
+                        *i = add_weighted(*i, x, w, "sum out of range")?;
+                    }
+                    other => {
+                        return Err(Error::Internal(format!(
+                            "sum over {other} after the argument cast"
+                        )))
+                    }
+                }
+            }
+            Acc::Set(set) => {
+                let t = self.arg_sql_types[idx]
+                    .as_ref()
+                    .ok_or_else(|| Error::Internal("min/max without type".into()))?;
+                let enc = &mut *scratch;
+                enc.clear();
+                encode_cell(enc, t, arr, r)?;
+                // Insert-only MIN/MAX: a value beyond the current extreme
+                // can never become the answer (nothing is ever retracted),
+                // so skip the set, its allocation and the ScalarValue.
+                // Encoded values compare as the values do.
+                if self.insert_only && w > 0 {
+                    let beaten = match a.kind {
+                        AggKind::Max => set.last().is_some_and(|(m, _)| m > enc.as_slice()),
+                        AggKind::Min => set.first().is_some_and(|(m, _)| m < enc.as_slice()),
+                        _ => false,
                     };
-                    if self.exact_stats(a) {
-                        let x = as_i128(&v)?;
-                        let y = match &b {
-                            Some(b) => as_i128(b)?,
-                            None => 0,
-                        };
-                        let terms = [x, y, x * x, y * y, x * y];
-                        for (acc, t) in i.iter_mut().zip(terms) {
-                            *acc = t
-                                .checked_mul(w as i128)
-                                .and_then(|d| acc.checked_add(d))
-                                .ok_or_else(|| {
-                                    Error::data(
-                                        crate::error::DataErrorKind::NumericOutOfRange,
-                                        "statistic out of range",
-                                    )
-                                })?;
-                        }
-                    } else {
-                        let x = as_f64(&v)?;
-                        let y = match &b {
-                            Some(b) => as_f64(b)?,
-                            None => 0.0,
-                        };
-                        let terms = [x, y, x * x, y * y, x * y];
-                        for (acc, t) in f.iter_mut().zip(terms) {
-                            *acc += t * w as f64;
-                        }
+                    if beaten {
+                        return Ok(());
+                    }
+                    // A new extreme: the old one can never come back.
+                    if matches!(a.kind, AggKind::Min | AggKind::Max) && !set.contains(enc) {
+                        set.clear();
                     }
                 }
-                Acc::Sum(n, i, f) => {
-                    *n += w;
-                    match arr.data_type() {
-                        DataType::Float64 => {
-                            *f += arr.as_primitive::<Float64Type>().value(r) * w as f64;
-                        }
-                        DataType::Int64 | DataType::Decimal128(..) => {
-                            let x: i128 = match arr.data_type() {
-                                DataType::Int64 => arr.as_primitive::<Int64Type>().value(r) as i128,
-                                _ => arr.as_primitive::<Decimal128Type>().value(r),
-                            };
-                            *i = x
-                                .checked_mul(w as i128)
-                                .and_then(|d| i.checked_add(d))
-                                .ok_or_else(|| {
-                                    Error::data(
-                                        crate::error::DataErrorKind::NumericOutOfRange,
-                                        "sum out of range",
-                                    )
-                                })?;
-                        }
-                        other => {
-                            return Err(Error::Internal(format!(
-                                "sum over {other} after the argument cast"
-                            )))
-                        }
-                    }
-                }
-                Acc::Set(set) => {
-                    let t = self.arg_sql_types[idx]
-                        .as_ref()
-                        .ok_or_else(|| Error::Internal("min/max without type".into()))?;
-                    let enc = &mut *scratch;
-                    enc.clear();
-                    encode_cell(enc, t, arr, r)?;
-                    // Insert-only MIN/MAX: a value beyond the current
-                    // extreme can never become the answer (nothing is ever
-                    // retracted), so skip the set, its allocation and the
-                    // ScalarValue. Encoded values compare as the values do.
-                    if self.insert_only && w > 0 {
-                        let beaten = match a.kind {
-                            AggKind::Max => set.keys().next_back().is_some_and(|m| m > enc),
-                            AggKind::Min => set.keys().next().is_some_and(|m| m < enc),
-                            _ => false,
-                        };
-                        if beaten {
-                            continue;
-                        }
-                        // A new extreme: the old one can never come back.
-                        if matches!(a.kind, AggKind::Min | AggKind::Max) && !set.contains_key(enc) {
-                            set.clear();
-                        }
-                    }
-                    let enc = enc.clone();
-                    let count = match set.get_mut(&enc) {
-                        Some(entry) => {
-                            entry.1 += w;
-                            entry.1
-                        }
-                        None => {
-                            set.insert(enc.clone(), (ScalarValue::try_from_array(arr, r)?, w));
-                            w
-                        }
-                    };
-                    if count == 0 {
-                        set.remove(&enc);
-                    }
-                }
+                set.add(enc, w, || Ok(ScalarValue::try_from_array(arr, r)?))?;
             }
         }
         Ok(())
     }
+}
+
+/// `acc + x·w`, or a numeric-out-of-range error saying `what`.
+fn add_weighted(acc: i128, x: i128, w: i64, what: &str) -> Result<i128> {
+    x.checked_mul(w as i128)
+        .and_then(|d| acc.checked_add(d))
+        .ok_or_else(|| Error::data(crate::error::DataErrorKind::NumericOutOfRange, what))
+}
+
+/// Per group, the delta's extreme (greatest if `max`) non-NULL value of a
+/// MIN/MAX argument as (a row holding it, the total weight of the rows
+/// holding it); `None` when the type has no typed loop. Only for types
+/// whose memcomparable encoding orders exactly as their native integers
+/// (the arms [`encode_cell`] encodes with `put_i64_sized`), so the extreme
+/// found here is the one the encoded comparison would find.
+fn extremes(
+    t: &SqlType,
+    arr: &dyn Array,
+    skip: &dyn Fn(usize) -> bool,
+    row_group: &[usize],
+    weights: &[i64],
+    groups: usize,
+    max: bool,
+) -> Option<Vec<Option<(usize, i64)>>> {
+    use datafusion::arrow::datatypes::{
+        Date32Type, Int16Type, Int32Type, TimeUnit, TimestampMicrosecondType,
+    };
+    let e = |v| extremes_of(v, skip, row_group, weights, groups, max);
+    Some(match (t, arr.data_type()) {
+        (SqlType::Int8, DataType::Int64) => e(&arr.as_primitive::<Int64Type>().values()[..]),
+        (SqlType::Int4, DataType::Int32) => e(&widen(arr.as_primitive::<Int32Type>().values())),
+        (SqlType::Int2, DataType::Int16) => e(&widen(arr.as_primitive::<Int16Type>().values())),
+        (SqlType::Date, DataType::Date32) => e(&widen(arr.as_primitive::<Date32Type>().values())),
+        (SqlType::Timestamp, DataType::Timestamp(TimeUnit::Microsecond, None)) => {
+            e(&arr.as_primitive::<TimestampMicrosecondType>().values()[..])
+        }
+        _ => return None,
+    })
+}
+
+fn widen<T: Copy + Into<i64>>(v: &[T]) -> Vec<i64> {
+    v.iter().map(|&x| x.into()).collect()
+}
+
+fn extremes_of(
+    values: &[i64],
+    skip: &dyn Fn(usize) -> bool,
+    row_group: &[usize],
+    weights: &[i64],
+    groups: usize,
+    max: bool,
+) -> Vec<Option<(usize, i64)>> {
+    // (value, first row holding it, total weight)
+    let mut best: Vec<Option<(i64, usize, i64)>> = vec![None; groups];
+    for (r, (&g, &w)) in row_group.iter().zip(weights).enumerate() {
+        if skip(r) {
+            continue;
+        }
+        let v = values[r];
+        match &mut best[g] {
+            Some((b, _, bw)) if *b == v => *bw += w,
+            Some((b, _, _)) if (max && v < *b) || (!max && v > *b) => {}
+            e => *e = Some((v, r, w)),
+        }
+    }
+    best.into_iter()
+        .map(|e| e.map(|(_, r, w)| (r, w)))
+        .collect()
 }
 
 /// Whether row `r` of `arr` is NULL (a `Null`-typed array is all NULL).
@@ -740,21 +1022,13 @@ impl Operator for HashAggregate {
                 None => Ok(None),
             })
             .collect::<Result<Vec<Option<ArrayRef>>>>()?;
-        // Group the delta's rows by encoded group key, in first-seen order:
-        // (key, key values, state before, state after).
-        // The old output row is computed when the group is first touched,
-        // so the stored state need not be cloned to remember it.
-        type Touched = (
-            Vec<u8>,
-            Vec<ScalarValue>,
-            Option<Vec<ScalarValue>>,
-            GroupState,
-        );
         let global = self.group_exprs.is_empty();
-        let mut touched: Vec<Touched> = Vec::new();
+        // Pass 1: each row's group, numbered in first-seen order.
         let mut index: FastMap<Vec<u8>, usize> = FastMap::default();
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        let mut first_rows: Vec<usize> = Vec::new();
+        let mut row_group: Vec<usize> = Vec::with_capacity(n);
         let mut key = Vec::new();
-        let mut scratch = Vec::new();
         for r in 0..n {
             key.clear();
             for (g, t) in groups.iter().zip(&self.group_types) {
@@ -763,28 +1037,64 @@ impl Operator for HashAggregate {
             let i = match index.get(key.as_slice()) {
                 Some(&i) => i,
                 None => {
-                    let old = self.load(ctx, &key)?;
-                    let key_values = groups
-                        .iter()
-                        .map(|g| ScalarValue::try_from_array(g.as_ref(), r))
-                        .collect::<std::result::Result<Vec<_>, _>>()?;
-                    let old_row = match &old {
-                        Some(s) if s.rows > 0 || global => Some(self.output(&key_values, s)?),
-                        None if global => Some(self.output(&key_values, &self.empty_state())?),
-                        _ => None,
-                    };
-                    let cur = old.unwrap_or_else(|| self.empty_state());
-                    index.insert(key.clone(), touched.len());
-                    touched.push((key.clone(), key_values, old_row, cur));
-                    touched.len() - 1
+                    index.insert(key.clone(), keys.len());
+                    keys.push(key.clone());
+                    first_rows.push(r);
+                    keys.len() - 1
                 }
             };
-            let w = input.weights.value(r);
-            self.apply(&mut touched[i].3, &args, &args2, r, w, &mut scratch)?;
+            row_group.push(i);
         }
         drop(index);
+        // Every touched group's stored state, in one multi-get. The old
+        // output row is computed now, so the state need not be cloned to
+        // remember it.
+        let stored = ctx.get_many(keys.iter().map(|k| self.key(k)))?;
+        let mut touched: Vec<Touched> = Vec::with_capacity(keys.len());
+        for ((key, r), v) in keys.into_iter().zip(first_rows).zip(stored) {
+            let old = v.map(|v| self.decode_state(&v)).transpose()?;
+            let key_values = groups
+                .iter()
+                .map(|g| ScalarValue::try_from_array(g.as_ref(), r))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let old_row = match &old {
+                Some(s) if s.rows > 0 || global => Some(self.output(&key_values, s)?),
+                None if global => Some(self.output(&key_values, &self.empty_state())?),
+                _ => None,
+            };
+            let state = old.unwrap_or_else(|| self.empty_state());
+            touched.push(Touched {
+                key,
+                key_values,
+                old_row,
+                state,
+            });
+        }
+        // Pass 2: fold the delta in.
+        let weights = &input.weights.values()[..];
+        for (&g, &w) in row_group.iter().zip(weights) {
+            touched[g].state.rows += w;
+        }
+        let mut scratch = Vec::new();
+        for idx in 0..self.aggs.len() {
+            self.fold(
+                idx,
+                &mut touched,
+                &row_group,
+                &args,
+                &args2,
+                weights,
+                &mut scratch,
+            )?;
+        }
         let mut out = Vec::new();
-        for (key, key_values, old_row, new) in touched {
+        for Touched {
+            key,
+            key_values,
+            old_row,
+            state: new,
+        } in touched
+        {
             if new.rows < 0 {
                 return Err(Error::Internal(
                     "a group would have a negative row count".into(),
@@ -816,6 +1126,67 @@ impl Operator for HashAggregate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// `ValueSet` against a `BTreeMap` model through random additions and
+    /// retractions, across the small → large switch and back to few values.
+    #[test]
+    fn value_sets_behave_like_ordered_maps() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut set = ValueSet::new();
+        let mut model: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+        for step in 0..5000 {
+            // Few distinct values early, many later (forces the switch).
+            let range = if step < 1000 { 8 } else { 64 };
+            let x: i64 = rng.random_range(0..range);
+            let enc = x.to_be_bytes().to_vec();
+            let have = model.get(&enc).copied().unwrap_or(0);
+            let w = if have > 0 && rng.random_bool(0.4) {
+                -1
+            } else {
+                1
+            };
+            set.add(&enc, w, || Ok(ScalarValue::Int64(Some(x))))
+                .unwrap();
+            let c = model.entry(enc.clone()).or_insert(0);
+            *c += w;
+            if *c == 0 {
+                model.remove(&enc);
+            }
+            assert_eq!(set.len(), model.len());
+            let got: Vec<(Vec<u8>, i64)> = set.iter().map(|(k, _, c)| (k.to_vec(), c)).collect();
+            let want: Vec<(Vec<u8>, i64)> = model.iter().map(|(k, c)| (k.clone(), *c)).collect();
+            assert_eq!(got, want, "step {step}");
+            assert_eq!(
+                set.first().map(|(k, _)| k.to_vec()),
+                model.keys().next().cloned()
+            );
+            assert_eq!(
+                set.last().map(|(k, _)| k.to_vec()),
+                model.keys().next_back().cloned()
+            );
+            assert!(set.iter().all(|(k, v, _)| {
+                *v == ScalarValue::Int64(Some(i64::from_be_bytes(k.try_into().unwrap())))
+            }));
+        }
+        assert!(matches!(set, ValueSet::Large(_)));
+        // Equal contents are equal sets, whatever their representation.
+        let mut small = ValueSet::new();
+        for (k, _, c) in set.iter() {
+            if let ValueSet::Small(v) = &mut small {
+                v.push((k.to_vec(), ScalarValue::Int64(Some(0)), c));
+            }
+        }
+        let rebuilt = ValueSet::Small(
+            set.iter()
+                .map(|(k, v, c)| (k.to_vec(), v.clone(), c))
+                .collect(),
+        );
+        assert_eq!(rebuilt, set);
+        assert_ne!(small, set);
+        set.clear();
+        assert_eq!(set, ValueSet::new());
+    }
     use crate::state::Store;
     use datafusion::arrow::datatypes::{Field, Schema};
     use datafusion::physical_expr::expressions::col;

@@ -57,6 +57,33 @@ impl<'a> OpCtx<'a> {
         }
     }
 
+    /// Reads many keys as this commit will leave them: the ones not staged
+    /// in one RocksDB multi-get.
+    pub fn get_many(
+        &self,
+        keys: impl IntoIterator<Item = Vec<u8>>,
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        let keys: Vec<Vec<u8>> = keys.into_iter().collect();
+        let mut found: Vec<Option<Option<Vec<u8>>>> =
+            keys.iter().map(|k| self.staged.get(k).cloned()).collect();
+        let missing: Vec<&Vec<u8>> = keys
+            .iter()
+            .zip(&found)
+            .filter(|(_, f)| f.is_none())
+            .map(|(k, _)| k)
+            .collect();
+        if !missing.is_empty() {
+            let mut read = self.store.multi_get(missing)?.into_iter();
+            for f in found.iter_mut().filter(|f| f.is_none()) {
+                *f = Some(
+                    read.next()
+                        .ok_or_else(|| Error::Internal("multi-get lost a key".into()))?,
+                );
+            }
+        }
+        Ok(found.into_iter().map(Option::flatten).collect())
+    }
+
     /// Every key/value under `prefix` as this commit will leave them, in
     /// key order.
     pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {

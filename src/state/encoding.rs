@@ -282,10 +282,10 @@ fn take<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8]> {
 }
 
 fn put_i64_sized(buf: &mut Vec<u8>, v: i64, size: usize) {
-    let bytes = v.to_be_bytes();
-    let mut part = bytes[8 - size..].to_vec();
-    part[0] ^= 0x80;
-    buf.extend_from_slice(&part);
+    // In place: this runs for every integer cell of every key encoded.
+    let start = buf.len();
+    buf.extend_from_slice(&v.to_be_bytes()[8 - size..]);
+    buf[start] ^= 0x80;
 }
 
 fn get_i64_sized(buf: &mut &[u8], size: usize) -> Result<i64> {

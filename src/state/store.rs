@@ -133,7 +133,10 @@ impl Store {
     }
 
     /// Reads many keys at once (one RocksDB `multi_get`).
-    pub fn multi_get(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+    pub fn multi_get<K: AsRef<[u8]>>(
+        &self,
+        keys: impl IntoIterator<Item = K>,
+    ) -> Result<Vec<Option<Vec<u8>>>> {
         self.db
             .multi_get(keys)
             .into_iter()
