@@ -110,7 +110,28 @@ impl Store {
         table.set_bloom_filter(10.0, false);
         table.set_block_cache(&Cache::new_lru_cache(BLOCK_CACHE_BYTES));
         opts.set_block_based_table_factory(&table);
-        let db = DB::open(&opts, dir).map_err(|e| {
+        // Flushes and compactions write their files with direct I/O: on
+        // the VMs we measure on, a buffered write that needs a page-cache
+        // page the guest never touched before ran at 150–380 MB/s against
+        // 2.3 GB/s direct (`dd`), and the flush thread's copy into the page
+        // cache was a sixth of all CPU while ingesting Kafka into an
+        // append-only view. Data being flushed is also the least likely to
+        // be read soon through the page cache: readers find it in the block
+        // cache or read it back on demand. Filesystems without O_DIRECT
+        // (tmpfs) get buffered writes instead.
+        opts.set_use_direct_io_for_flush_and_compaction(true);
+        let db = match DB::open(&opts, dir) {
+            Err(e) if e.as_ref().contains("Direct I/O is not supported") => {
+                tracing::info!(
+                    "{}: no direct I/O on this filesystem; flushes use the page cache",
+                    dir.display()
+                );
+                opts.set_use_direct_io_for_flush_and_compaction(false);
+                DB::open(&opts, dir)
+            }
+            r => r,
+        };
+        let db = db.map_err(|e| {
             let msg = e.into_string();
             if msg.contains("lock") || msg.contains("LOCK") {
                 Error::Config(format!(
@@ -227,6 +248,38 @@ mod tests {
             err.to_string().contains("in use by another running Sluice"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn opens_where_direct_io_is_missing() {
+        // tmpfs has no O_DIRECT: the store must fall back to buffered
+        // flushes rather than refuse the directory.
+        let shm = std::path::Path::new("/dev/shm");
+        if !shm.is_dir() {
+            return;
+        }
+        let dir = tempfile::tempdir_in(shm).unwrap();
+        let s = Store::open(dir.path(), false).unwrap();
+        let mut b = WriteBatch::default();
+        b.put([0, 0, 0, 9, 1], vec![7u8; 64 * 1024]);
+        s.write(b).unwrap();
+        s.db.flush().unwrap();
+        assert_eq!(s.get(&[0, 0, 0, 9, 1]).unwrap(), Some(vec![7u8; 64 * 1024]));
+    }
+
+    #[test]
+    fn flushed_values_read_back_with_direct_io() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), false).unwrap();
+        let mut b = WriteBatch::default();
+        b.put([0, 0, 0, 9, 1], vec![7u8; 64 * 1024]);
+        b.put([0, 0, 0, 9, 2], b"small");
+        s.write(b).unwrap();
+        s.db.flush().unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), false).unwrap();
+        assert_eq!(s.get(&[0, 0, 0, 9, 1]).unwrap(), Some(vec![7u8; 64 * 1024]));
+        assert_eq!(s.get(&[0, 0, 0, 9, 2]).unwrap(), Some(b"small".to_vec()));
     }
 
     #[test]
