@@ -2,8 +2,9 @@
 //!
 //! A [`RecordDecoder`] turns a slice of records into one `RecordBatch` with
 //! the source's columns, plus one [`BadRecord`] per record it could not
-//! decode. Decoding is batched — the fast path hands all values of a poll
-//! to arrow-json's (or arrow-csv's) decoder at once — and falls back to
+//! decode. Decoding is batched — all values of a poll go to one decoder at
+//! once: [`super::flat_json`] for flat JSON objects, arrow-json for any
+//! other JSON (and whatever the flat path declines), arrow-csv — and falls back to
 //! decoding record by record only when the batch fails, so one malformed
 //! record costs one error row, never the batch and never the pipeline.
 //!
@@ -29,6 +30,7 @@ use datafusion::common::ScalarValue;
 use serde::{Deserialize, Serialize};
 
 use super::avro;
+use super::flat_json::FlatJson;
 use crate::error::{Error, Result};
 
 /// How a record's value is encoded.
@@ -245,6 +247,9 @@ pub struct RecordDecoder {
     envelope: Envelope,
     /// Avro: the inline schema, and registry schemas by id.
     avro: Option<Arc<avro::Schemas>>,
+    /// JSON: the fast path for flat records, when every decoded column
+    /// has a type it handles (see [`super::flat_json`]).
+    flat: Option<Arc<FlatJson>>,
 }
 
 /// Values larger than this are rejected into the error table.
@@ -305,8 +310,13 @@ impl RecordDecoder {
             )?)),
             _ => None,
         };
+        let flat = match format {
+            Format::Json => FlatJson::new(decoded_schema.clone()),
+            _ => None,
+        };
         Ok(RecordDecoder {
             avro,
+            flat,
             format,
             schema,
             value_columns,
@@ -581,6 +591,15 @@ impl RecordDecoder {
 
     fn decode_json(&self, records: &[RecordRef<'_>]) -> Result<RecordBatch> {
         let n = records.len();
+        if let Some(flat) = &self.flat {
+            let payloads: Vec<&[u8]> = records
+                .iter()
+                .map(|r| r.payload.unwrap_or_default())
+                .collect();
+            if let Some(batch) = flat.decode(&payloads) {
+                return Ok(batch);
+            }
+        }
         let mut d = datafusion::arrow::json::ReaderBuilder::new(self.decoded_schema.clone())
             .with_batch_size(n.max(1) + 1)
             .with_coerce_primitive(true)
