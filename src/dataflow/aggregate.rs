@@ -1074,6 +1074,12 @@ impl Operator for HashAggregate {
                 &mut scratch,
             )?;
         }
+        // Write the groups in key order: RocksDB inserts a batch into its
+        // memtable (a skip list) entry by entry, and an insert next to the
+        // previous one reuses its search path instead of descending from
+        // the top (memtable inserts went from 6.1 % to 5.0 % of all samples
+        // in a GROUP BY view over Kafka). Output rows come out in key order.
+        touched.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         let mut out = Vec::new();
         for Touched {
             key,
