@@ -84,6 +84,14 @@ impl FlatJson {
         if schema.fields().is_empty() || schema.fields().len() > 64 {
             return None;
         }
+        // arrow-json fills the first of two same-named columns; the fast
+        // path's by-position guess could pick the other (SQL sources
+        // reject duplicate names, so this only guards other callers).
+        let mut names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return None;
+        }
         let mut kinds = Vec::new();
         for f in schema.fields() {
             kinds.push(match f.data_type() {
@@ -132,6 +140,11 @@ impl FlatJson {
     fn decode_all(&self, payloads: &[&[u8]]) -> Step<RecordBatch> {
         let n = payloads.len();
         let bytes: usize = payloads.iter().map(|p| p.len()).sum();
+        // A text column's strings are at most the payloads' bytes; past
+        // i32 offsets arrow's builder would panic where arrow-json errors.
+        if bytes > i32::MAX as usize {
+            return Err(Decline);
+        }
         let mut cols: Vec<Col> = self
             .kinds
             .iter()
@@ -392,6 +405,11 @@ impl<'a> Reader<'a> {
                 b't' => scratch.push(b'\t'),
                 b'u' => {
                     let hex = rest.get(end + 2..end + 6).ok_or(Decline)?;
+                    // Exactly four hex digits: `from_str_radix` would also
+                    // take a sign (`\u+041`), which arrow-json rejects.
+                    if !hex.iter().all(u8::is_ascii_hexdigit) {
+                        return Err(Decline);
+                    }
                     let hex = std::str::from_utf8(hex).map_err(|_| Decline)?;
                     let code = u32::from_str_radix(hex, 16).map_err(|_| Decline)?;
                     // Surrogate pairs (and lone surrogates) go to arrow-json.
@@ -420,11 +438,12 @@ impl<'a> Reader<'a> {
         let start = self.i;
         let mut v: i64 = 0;
         while let Some(d @ b'0'..=b'9') = self.peek() {
-            v = v * 10 + (d - b'0') as i64;
-            self.i += 1;
-            if self.i - start > 18 {
+            // Counted before the multiply: 18 digits cannot overflow.
+            if self.i - start == 18 {
                 return Err(Decline);
             }
+            v = v * 10 + (d - b'0') as i64;
+            self.i += 1;
         }
         let digits = self.i - start;
         if digits == 0 || (digits > 1 && self.b[start] == b'0') {
@@ -624,6 +643,14 @@ mod tests {
             br#"{"nn": 1, "x": [1, }"#,           // malformed ignored field
             br#"[1]"#,
             b"",
+            br#"{"nn": 1, "b": "\u+041"}"#, // a sign is not a hex digit
+            br#"{"nn": 1, "zz": "\u+041"}"#, // … in an ignored field
+            br#"{"nn": 1, "zz": {"\u+041": 1}}"#, // … in an ignored key
+            br#"{"nn": 9999999999999999999}"#, // 19 digits (no overflow)
+            br#"{"nn": -9223372036854775808}"#, // i64::MIN, 19 digits
+            b"\xEF\xBB\xBF{\"nn\": 1}",     // byte order mark
+            b"{\"nn\": 1, \"b\": \"a\x01b\"}", // raw control character
+            b"{\"nn\": 1, \"b\": \"\xC3\"}", // invalid UTF-8
         ] {
             let flat = FlatJson::new(s.clone()).unwrap();
             assert!(
@@ -632,6 +659,16 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn no_fast_path_for_duplicate_column_names() {
+        let s = Arc::new(Schema::new(vec![
+            Field::new("x", DataType::Int64, true),
+            Field::new("y", DataType::Int64, true),
+            Field::new("x", DataType::Int64, true),
+        ]));
+        assert!(FlatJson::new(s).is_none());
     }
 
     #[test]
@@ -653,10 +690,19 @@ mod tests {
             (_, 1) => format!("{}.{}", rng.random_range(-99..99), rng.random_range(0..99)),
             (_, 2) => "\"12\"".into(),
             (_, 3) => "true".into(),
-            (_, 4) => format!("{}", rng.random::<i64>()),
+            (_, 4) => match rng.random_range(0..4) {
+                0 => "-9223372036854775808".into(),
+                1 => "9999999999999999999".into(),
+                2 => "-999999999999999999".into(),
+                _ => format!("{}", rng.random::<i64>()),
+            },
             (_, 5) => "[1, \"x\", {\"y\": null}]".into(),
             (_, 6) => "\"2023-02-30T00:00:00\"".into(),
-            (_, 7) => "\"\\ud83d\\ude00 \\u0041\\t\"".into(),
+            (_, 7) => match rng.random_range(0..3) {
+                0 => "\"\\ud83d\\ude00 \\u0041\\t\"".into(),
+                1 => "\"\\u+041\"".into(),
+                _ => "{\"\\u+041\": 1}".into(),
+            },
             (_, 8) => "-0".into(),
             (_, 9) => "1e3".into(),
             (0 | 3 | 5, _) => format!("{}", rng.random_range(-40000i64..40000)),
@@ -668,6 +714,9 @@ mod tests {
                         1 => "\\\"".to_string(),
                         2 => "é".to_string(),
                         3 => "\\u00fc".to_string(),
+                        4 => ["\\/", "\\b", "\\f", "\\r", "\\u00E9", "\\u0000"]
+                            [rng.random_range(0..6)]
+                        .to_string(),
                         _ => ((b'a' + rng.random_range(0..26u8)) as char).to_string(),
                     })
                     .collect();
@@ -691,6 +740,19 @@ mod tests {
                 }
             }
             (6, _) => format!("{}", rng.random_range(-5i64..5)),
+            // A field no column takes: any valid JSON, which the fast path
+            // must skip exactly as strictly as arrow-json.
+            (8, _) => [
+                "null",
+                "[1, \"x\", {\"y\": null}]",
+                "{\"k\": \"\\\"x\\\"\", \"l\": [true, -0.5e+3, 1E-2]}",
+                "\"\\u00e9\\/\\n\"",
+                "123456789012345678901234567890",
+                "-0.0",
+                "[[[[[]]]]]",
+                "{}",
+            ][rng.random_range(0..8)]
+            .into(),
             _ => "null".into(),
         }
     }
@@ -720,8 +782,23 @@ mod tests {
                         let j = rng.random_range(0..fields.len());
                         fields.swap(i, j);
                     }
-                    let sep = if rng.random() { ", " } else { "," };
-                    format!("{{{}}}", fields.join(sep)).into_bytes()
+                    let sep = [",", ", ", " ,\t", "\r\n,\n"][rng.random_range(0..4)];
+                    let fields = if rng.random_range(0..3) == 0 {
+                        fields
+                            .iter()
+                            .map(|f| f.replacen("\":", "\" : ", 1))
+                            .collect()
+                    } else {
+                        fields
+                    };
+                    let pad = [" ", "", "\n", "\t\r\n"];
+                    format!(
+                        "{}{{{}}}{}",
+                        pad[rng.random_range(0..4)],
+                        fields.join(sep),
+                        pad[rng.random_range(0..4)]
+                    )
+                    .into_bytes()
                 })
                 .collect();
             let refs: Vec<&[u8]> = records.iter().map(|r| r.as_slice()).collect();
