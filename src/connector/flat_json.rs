@@ -4,8 +4,8 @@
 //! arrow-json decodes in two passes — it copies every record into a tape
 //! (the bytes of every string once more), then builds each column from the
 //! tape — and that was ~60 % of a Kafka reader's CPU when ingesting
-//! Nexmark bids into a pass-through view. [`FlatJson`] reads each record once, straight into the
-//! column builders.
+//! Nexmark bids into a pass-through view. [`FlatJson`] reads each record
+//! once, straight into the column builders.
 //!
 //! It is a fast path, not a second JSON decoder with its own semantics: it
 //! accepts only input whose meaning is unambiguous — strictly valid JSON,
@@ -176,9 +176,7 @@ impl FlatJson {
         // Producers write fields in one order: try the column after the
         // last one first.
         let mut next = 0usize;
-        if r.peek() == Some(b'}') {
-            r.i += 1;
-        } else {
+        if !r.closes(b'}') {
             loop {
                 r.expect(b'"')?;
                 let key = r.plain_key()?;
@@ -201,11 +199,8 @@ impl FlatJson {
                     }
                     None => r.skip_value(0, scratch)?,
                 }
-                r.ws();
-                match r.bump()? {
-                    b',' => r.ws(),
-                    b'}' => break,
-                    _ => return Err(Decline),
+                if r.next_or_close(b'}')? {
+                    break;
                 }
             }
         }
@@ -349,6 +344,30 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// At the start of an object's or array's contents: whether it is
+    /// empty (`close` follows at once, and is consumed).
+    fn closes(&mut self, close: u8) -> bool {
+        let empty = self.peek() == Some(close);
+        if empty {
+            self.i += 1;
+        }
+        empty
+    }
+
+    /// After a member or element: `,` (and whitespace) to go on, or
+    /// `close` to end. Returns whether it ended.
+    fn next_or_close(&mut self, close: u8) -> Step<bool> {
+        self.ws();
+        match self.bump()? {
+            b',' => {
+                self.ws();
+                Ok(false)
+            }
+            c if c == close => Ok(true),
+            _ => Err(Decline),
+        }
+    }
+
     fn literal(&mut self, word: &[u8]) -> Step<()> {
         if self.b[self.i..].starts_with(word) {
             self.i += word.len();
@@ -405,13 +424,12 @@ impl<'a> Reader<'a> {
                 b't' => scratch.push(b'\t'),
                 b'u' => {
                     let hex = rest.get(end + 2..end + 6).ok_or(Decline)?;
-                    // Exactly four hex digits: `from_str_radix` would also
-                    // take a sign (`\u+041`), which arrow-json rejects.
-                    if !hex.iter().all(u8::is_ascii_hexdigit) {
-                        return Err(Decline);
-                    }
-                    let hex = std::str::from_utf8(hex).map_err(|_| Decline)?;
-                    let code = u32::from_str_radix(hex, 16).map_err(|_| Decline)?;
+                    // Exactly four hex digits, as arrow-json reads them
+                    // (`from_str_radix` would also take a sign: `\u+041`).
+                    let code = hex
+                        .iter()
+                        .try_fold(0u32, |v, &b| Some(v * 16 + char::from(b).to_digit(16)?))
+                        .ok_or(Decline)?;
                     // Surrogate pairs (and lone surrogates) go to arrow-json.
                     let ch = char::from_u32(code).ok_or(Decline)?;
                     let mut buf = [0u8; 4];
@@ -473,8 +491,7 @@ impl<'a> Reader<'a> {
             b'{' => {
                 self.i += 1;
                 self.ws();
-                if self.peek() == Some(b'}') {
-                    self.i += 1;
+                if self.closes(b'}') {
                     return Ok(());
                 }
                 loop {
@@ -484,28 +501,21 @@ impl<'a> Reader<'a> {
                     self.expect(b':')?;
                     self.ws();
                     self.skip_value(depth + 1, scratch)?;
-                    self.ws();
-                    match self.bump()? {
-                        b',' => self.ws(),
-                        b'}' => return Ok(()),
-                        _ => return Err(Decline),
+                    if self.next_or_close(b'}')? {
+                        return Ok(());
                     }
                 }
             }
             b'[' => {
                 self.i += 1;
                 self.ws();
-                if self.peek() == Some(b']') {
-                    self.i += 1;
+                if self.closes(b']') {
                     return Ok(());
                 }
                 loop {
                     self.skip_value(depth + 1, scratch)?;
-                    self.ws();
-                    match self.bump()? {
-                        b',' => self.ws(),
-                        b']' => return Ok(()),
-                        _ => return Err(Decline),
+                    if self.next_or_close(b']')? {
+                        return Ok(());
                     }
                 }
             }

@@ -4,9 +4,10 @@
 //! the source's columns, plus one [`BadRecord`] per record it could not
 //! decode. Decoding is batched — all values of a poll go to one decoder at
 //! once: [`super::flat_json`] for flat JSON objects, arrow-json for any
-//! other JSON (and whatever the flat path declines), arrow-csv — and falls back to
-//! decoding record by record only when the batch fails, so one malformed
-//! record costs one error row, never the batch and never the pipeline.
+//! other JSON (and whatever the flat path declines), arrow-csv — and falls
+//! back to decoding record by record only when the batch fails, so one
+//! malformed record costs one error row, never the batch and never the
+//! pipeline.
 //!
 //! Formats:
 //! - `JSON`: one object per record; fields by column name (unknown fields

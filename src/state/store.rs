@@ -114,23 +114,22 @@ impl Store {
         // Operators look up state by exact key (an aggregate's group, a
         // keyed view's row) and most lookups of a growing key space miss:
         // a bloom filter answers those without reading SST blocks.
-        // The same for the memtable, where a MultiGet of an epoch's
-        // touched groups otherwise walks the skip list for every new group.
-        opts.set_memtable_whole_key_filtering(true);
-        opts.set_memtable_prefix_bloom_ratio(0.02);
         let mut table = BlockBasedOptions::default();
         table.set_bloom_filter(10.0, false);
         table.set_block_cache(&Cache::new_lru_cache(BLOCK_CACHE_BYTES));
         opts.set_block_based_table_factory(&table);
+        // The same for the memtable, where a MultiGet of an epoch's
+        // touched groups otherwise walks the skip list for every new group.
+        opts.set_memtable_whole_key_filtering(true);
+        opts.set_memtable_prefix_bloom_ratio(0.02);
         // Flushes and compactions write their files with direct I/O: on
         // the VMs we measure on, a buffered write that needs a page-cache
         // page the guest never touched before ran at 150–380 MB/s against
         // 2.3 GB/s direct (`dd`), and the flush thread's copy into the page
         // cache was a sixth of all CPU while ingesting Kafka into an
-        // append-only view. Data being flushed is also the least likely to
-        // be read soon through the page cache: readers find it in the block
-        // cache or read it back on demand. Filesystems without O_DIRECT
-        // (tmpfs) get buffered writes instead.
+        // append-only view. What a flush writes reaches memory through the
+        // block cache instead (`warm_cache_on_flush`, below). Filesystems
+        // without O_DIRECT (tmpfs) get buffered writes instead.
         opts.set_use_direct_io_for_flush_and_compaction(true);
         let db = match DB::open(&opts, dir) {
             Err(e) if e.as_ref().contains("Direct I/O is not supported") => {
