@@ -29,6 +29,12 @@ const VIEWS: &[(&str, &str)] = &[
     ("a4", "SELECT b, c * 10 AS c10 FROM a1 WHERE c > 1"),
     ("a5", "SELECT a % 4 AS bucket, count(*) AS c, sum(id) AS s FROM t1 WHERE b IS NOT NULL GROUP BY a % 4"),
     ("a6", "SELECT b, count(DISTINCT a) AS d FROM t1 GROUP BY b"),
+    (
+        "a7",
+        "SELECT a % 3 AS g, min(b) AS mn, max(b) AS mx, sum(CAST(a AS DECIMAL(10,2))) AS ds, \
+         avg(CAST(a AS DECIMAL(10,2))) AS da, sum(CAST(id AS DOUBLE)) AS fs, avg(id) AS av \
+         FROM t1 GROUP BY a % 3",
+    ),
     ("j1", "SELECT t1.id, t1.b, t2.v FROM t1 JOIN t2 ON t1.id % 10 = t2.k"),
     (
         "j2",

@@ -945,16 +945,18 @@ fn sum_or_avg(a: &AggSpec, n: i64, i: i128, f: f64) -> Result<ScalarValue> {
                 DataType::Decimal128(_, s) => s,
                 _ => 0,
             };
+            // Truncated toward zero, as DataFusion's batch AVG does (an
+            // incremental view must equal the same query run in batch).
             let shift = 10i128.pow((*s - in_scale).max(0) as u32);
-            let num = i * shift;
-            let q = num / n as i128;
-            let r = num % n as i128;
-            // Round half away from zero.
-            let q = if (r.abs() * 2) >= n as i128 {
-                q + num.signum()
-            } else {
-                q
-            };
+            let q = i
+                .checked_mul(shift)
+                .map(|num| num / n as i128)
+                .ok_or_else(|| {
+                    Error::data(
+                        crate::error::DataErrorKind::NumericOutOfRange,
+                        "numeric average out of range",
+                    )
+                })?;
             ScalarValue::Decimal128(Some(q), *p, *s)
         }
         (AggKind::Avg, _) => {
@@ -1310,6 +1312,35 @@ mod tests {
         let pruned = run(&mut agg(true).insert_only(true), &steps);
         assert_eq!(general, pruned);
         assert!(general.iter().any(|o| o.contains("-1")), "no group changed");
+    }
+
+    /// Decimal AVG truncates toward zero as DataFusion's batch AVG does,
+    /// and an average whose rescaled sum overflows is an error, not a panic.
+    #[test]
+    fn decimal_avg_truncates_like_batch_and_reports_overflow() {
+        let s = Schema::new(vec![Field::new("n", DataType::Decimal128(10, 0), true)]);
+        let avg = AggSpec {
+            kind: AggKind::Avg,
+            arg: col("n", &s).unwrap(),
+            arg_type: DataType::Decimal128(10, 0),
+            arg2: None,
+            out_type: DataType::Decimal128(14, 4),
+        };
+        let got = |i: i128, n: i64| sum_or_avg(&avg, n, i, 0.0);
+        assert_eq!(
+            got(2, 3).unwrap(),
+            ScalarValue::Decimal128(Some(6666), 14, 4)
+        );
+        assert_eq!(
+            got(-2, 3).unwrap(),
+            ScalarValue::Decimal128(Some(-6666), 14, 4)
+        );
+        assert_eq!(
+            got(389, 7).unwrap(),
+            ScalarValue::Decimal128(Some(555714), 14, 4)
+        );
+        let err = got(i128::MAX / 10, 1).unwrap_err();
+        assert!(err.to_string().contains("out of range"), "{err}");
     }
 
     #[test]
