@@ -26,7 +26,10 @@ use super::operator::{cast_to_types, evaluate_all, OpCtx, Operator};
 use super::ChangeBatch;
 use crate::catalog::types::SqlType;
 use crate::error::{Error, Result};
-use crate::state::encoding::{decode_value, encode_cell, encode_value, table_prefix};
+use crate::state::encoding::{
+    decode_f64, decode_i128, decode_i64, decode_value, encode_cell, encode_f64, encode_i128,
+    encode_i64, table_prefix,
+};
 
 /// An aggregate function the operator maintains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -576,7 +579,7 @@ impl HashAggregate {
 
     fn store(&self, ctx: &mut OpCtx<'_>, group: &[u8], s: &GroupState) -> Result<()> {
         let mut v = Vec::new();
-        put_i64(&mut v, s.rows)?;
+        encode_i64(&mut v, s.rows);
         for (acc, spec) in s.accs.iter().zip(&self.aggs) {
             // Insert-only MIN/MAX: only the extreme can ever be the answer.
             let pruned;
@@ -595,30 +598,30 @@ impl HashAggregate {
                 _ => acc,
             };
             match acc {
-                Acc::Count(c) => put_i64(&mut v, *c)?,
+                Acc::Count(c) => encode_i64(&mut v, *c),
                 Acc::Sum(n, i, f) => {
-                    put_i64(&mut v, *n)?;
-                    put_i128(&mut v, *i)?;
-                    put_f64(&mut v, *f)?;
+                    encode_i64(&mut v, *n);
+                    encode_i128(&mut v, *i);
+                    encode_f64(&mut v, *f);
                 }
                 Acc::Bools(t, f) => {
-                    put_i64(&mut v, *t)?;
-                    put_i64(&mut v, *f)?;
+                    encode_i64(&mut v, *t);
+                    encode_i64(&mut v, *f);
                 }
                 Acc::Stats(n, i, f) => {
-                    put_i64(&mut v, *n)?;
+                    encode_i64(&mut v, *n);
                     for x in i {
-                        put_i128(&mut v, *x)?;
+                        encode_i128(&mut v, *x);
                     }
                     for x in f {
-                        put_f64(&mut v, *x)?;
+                        encode_f64(&mut v, *x);
                     }
                 }
                 Acc::Set(set) => {
-                    put_i64(&mut v, set.len() as i64)?;
+                    encode_i64(&mut v, set.len() as i64);
                     for (enc, _, c) in set.iter() {
                         v.extend_from_slice(enc);
-                        put_i64(&mut v, c)?;
+                        encode_i64(&mut v, c);
                     }
                 }
             }
@@ -1069,43 +1072,22 @@ fn statistic(fun: StatFn, n: i64, exact: bool, i: &[i128; 5], f: &[f64; 5]) -> O
 }
 
 // Accumulator state is stored with the value encoding of `state::encoding`
-// (int8, numeric(38,0) for i128, float8).
-const I128: SqlType = SqlType::Numeric {
-    precision: 38,
-    scale: 0,
-};
+// (int8, numeric(38,0) for i128, float8), written and read natively.
 
-fn put_i64(buf: &mut Vec<u8>, v: i64) -> Result<()> {
-    encode_value(buf, &SqlType::Int8, &ScalarValue::Int64(Some(v)))
-}
-
-fn put_i128(buf: &mut Vec<u8>, v: i128) -> Result<()> {
-    encode_value(buf, &I128, &ScalarValue::Decimal128(Some(v), 38, 0))
-}
-
-fn put_f64(buf: &mut Vec<u8>, v: f64) -> Result<()> {
-    encode_value(buf, &SqlType::Float8, &ScalarValue::Float64(Some(v)))
+fn stored<T>(v: Option<T>) -> Result<T> {
+    v.ok_or_else(|| Error::Storage("corrupt aggregate state".into()))
 }
 
 fn get_i64(buf: &mut &[u8]) -> Result<i64> {
-    match decode_value(buf, &SqlType::Int8)? {
-        ScalarValue::Int64(Some(i)) => Ok(i),
-        _ => Err(Error::Storage("corrupt aggregate state".into())),
-    }
+    stored(decode_i64(buf)?)
 }
 
 fn get_i128(buf: &mut &[u8]) -> Result<i128> {
-    match decode_value(buf, &I128)? {
-        ScalarValue::Decimal128(Some(i), ..) => Ok(i),
-        _ => Err(Error::Storage("corrupt aggregate state".into())),
-    }
+    stored(decode_i128(buf)?)
 }
 
 fn get_f64(buf: &mut &[u8]) -> Result<f64> {
-    match decode_value(buf, &SqlType::Float8)? {
-        ScalarValue::Float64(Some(f)) => Ok(f),
-        _ => Err(Error::Storage("corrupt aggregate state".into())),
-    }
+    stored(decode_f64(buf)?)
 }
 
 fn sum_or_avg(a: &AggSpec, n: i64, i: i128, f: f64) -> Result<ScalarValue> {
