@@ -786,24 +786,13 @@ impl HashAggregate {
                     *f += v[r] * w as f64;
                 }
             }
-            (AggKind::Sum | AggKind::Avg, DataType::Int64 | DataType::Decimal128(..)) => {
-                let ints = arr.as_primitive_opt::<Int64Type>().map(|a| a.values());
-                let decimals = arr.as_primitive_opt::<Decimal128Type>().map(|a| a.values());
-                for (r, (g, w)) in rows.enumerate() {
-                    if skip(r) {
-                        continue;
-                    }
-                    let x = match (ints, decimals) {
-                        (Some(v), _) => v[r] as i128,
-                        (None, Some(v)) => v[r],
-                        (None, None) => return Err(mismatch()),
-                    };
-                    let Acc::Sum(n, i, _) = &mut states[g].state.accs[idx] else {
-                        return Err(mismatch());
-                    };
-                    *n += w;
-                    *i = add_weighted(*i, x, w, "sum out of range")?;
-                }
+            (AggKind::Sum | AggKind::Avg, DataType::Int64) => {
+                let v = arr.as_primitive::<Int64Type>().values();
+                fold_exact_sum(states, idx, row_group, weights, &skip, |r| v[r] as i128)?;
+            }
+            (AggKind::Sum | AggKind::Avg, DataType::Decimal128(..)) => {
+                let v = arr.as_primitive::<Decimal128Type>().values();
+                fold_exact_sum(states, idx, row_group, weights, &skip, |r| v[r])?;
             }
             (AggKind::Min | AggKind::Max, _)
                 if self.insert_only && weights.iter().all(|&w| w > 0) =>
@@ -940,6 +929,29 @@ impl HashAggregate {
         }
         Ok(())
     }
+}
+
+/// Folds an integer or decimal SUM/AVG argument (`x(r)`: row `r`'s value)
+/// into aggregate `idx` of each row's group, exactly in `i128`.
+fn fold_exact_sum(
+    states: &mut [Touched],
+    idx: usize,
+    row_group: &[usize],
+    weights: &[i64],
+    skip: &dyn Fn(usize) -> bool,
+    x: impl Fn(usize) -> i128,
+) -> Result<()> {
+    for (r, (&g, &w)) in row_group.iter().zip(weights).enumerate() {
+        if skip(r) {
+            continue;
+        }
+        let Acc::Sum(n, i, _) = &mut states[g].state.accs[idx] else {
+            return Err(Error::Internal("aggregate state does not match".into()));
+        };
+        *n += w;
+        *i = add_weighted(*i, x(r), w, "sum out of range")?;
+    }
+    Ok(())
 }
 
 /// `acc + x·w`, or a numeric-out-of-range error saying `what`.
