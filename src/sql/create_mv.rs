@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
 use datafusion::sql::sqlparser::ast;
 use rocksdb::WriteBatch;
 
@@ -42,6 +43,37 @@ fn check(cv: &ast::CreateView) -> Result<()> {
     Ok(())
 }
 
+/// Rejects a query calling a function whose result its arguments do not
+/// fix — volatile (`random()`, `uuid()`) or stable (`now()`,
+/// `current_date`): checked before the optimizer, which folds the stable
+/// ones into constants. A view is maintained by applying changes, so a
+/// DELETE would recompute `random()` and retract a row that was never
+/// inserted (the write failed with an internal error), and `now()` would
+/// freeze at CREATE time where the same query run in batch reads the clock.
+fn reject_nondeterministic(plan: &LogicalPlan) -> Result<()> {
+    let mut found = None;
+    plan.apply_with_subqueries(|p| {
+        p.apply_expressions(|e| {
+            e.apply(|e| {
+                if let Expr::ScalarFunction(f) = e {
+                    if f.func.signature().volatility != Volatility::Immutable {
+                        found = Some(f.func.name().to_string());
+                        return Ok(TreeNodeRecursion::Stop);
+                    }
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    })?;
+    match found {
+        Some(name) => Err(Error::unsupported(format!(
+            "materialized views cannot call {name}(): its result is not determined by its \
+             arguments, so the view could not stay equal to its query"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// DataFusion's optimized plan of the view's query and PostgreSQL's names
 /// for its columns.
 async fn optimized(
@@ -50,6 +82,7 @@ async fn optimized(
 ) -> Result<(LogicalPlan, Option<Vec<String>>)> {
     let stmt = ast::Statement::Query(Box::new(query.clone()));
     let logical = engine.plan(&stmt).await?;
+    reject_nondeterministic(&logical)?;
     let names: Option<Vec<String>> =
         select::pg_column_names(query, logical.schema().fields().len())
             .map(|n| select::resolved_names(&n, logical.schema().as_arrow()));
