@@ -13,9 +13,9 @@
 //! box, and [`kafka`] topics — also offset-addressed logs, one offset per
 //! partition — read in batches through [`kafka_batch`] and decoded by
 //! [`mod@format`] (flat JSON objects by [`flat_json`]). Sinks ([`sink`])
-//! write a relation's changes to Kafka in a [`sink_format`]. The module speaks Arrow and knows
-//! nothing of SQL: it imports neither the catalog (which imports connector
-//! types) nor any layer above. Sink formats work from a relation's Arrow
+//! write a relation's changes to Kafka in a [`sink_format`]. The module
+//! speaks Arrow and knows nothing of SQL: it imports neither the catalog
+//! (which imports connector types) nor any layer above. Sink formats work from a relation's Arrow
 //! schema (an Avro schema is derived from, and checked against, its fields'
 //! types) and write TEXT with the leaf [`crate::pgtext`], the PostgreSQL
 //! text form the wire layer sends too.

@@ -284,26 +284,29 @@ pub fn encode_i128(buf: &mut Vec<u8>, v: i128) {
 
 /// [`decode_value`] of an `int8` as the native value (`None` for NULL).
 pub fn decode_i64(buf: &mut &[u8]) -> Result<Option<i64>> {
-    Ok(match take(buf, 1)?[0] {
-        NULL => None,
-        _ => Some(get_i64_sized(buf, 8)?),
-    })
+    unless_null(buf, |b| get_i64_sized(b, 8))
 }
 
 /// [`decode_value`] of a `float8` as the native value (`None` for NULL).
 pub fn decode_f64(buf: &mut &[u8]) -> Result<Option<f64>> {
-    Ok(match take(buf, 1)?[0] {
-        NULL => None,
-        _ => Some(get_f64(buf)?),
-    })
+    unless_null(buf, get_f64)
 }
 
 /// [`decode_value`] of a `numeric` as its unscaled `i128` (`None` for NULL).
 pub fn decode_i128(buf: &mut &[u8]) -> Result<Option<i128>> {
-    Ok(match take(buf, 1)?[0] {
-        NULL => None,
-        _ => Some(get_i128(buf)?),
-    })
+    unless_null(buf, get_i128)
+}
+
+/// Reads a value's NULL/present tag and, when present, the value with
+/// `read`.
+fn unless_null<T>(
+    buf: &mut &[u8],
+    read: impl FnOnce(&mut &[u8]) -> Result<T>,
+) -> Result<Option<T>> {
+    match take(buf, 1)?[0] {
+        NULL => Ok(None),
+        _ => read(buf).map(Some),
+    }
 }
 
 fn put_f64(buf: &mut Vec<u8>, f: f64) {
