@@ -23,9 +23,8 @@ use datafusion::arrow::buffer::Buffer;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::reader::StreamDecoder;
 use datafusion::arrow::ipc::writer::{
-    write_message, DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions,
+    write_message, DictionaryTracker, IpcDataGenerator, IpcWriteOptions, StreamWriter,
 };
-use datafusion::arrow::ipc::CompressionType;
 
 use crate::error::{Error, Result};
 
@@ -53,40 +52,78 @@ impl ChunkCodec {
         })
     }
 
-    /// One chunk: the IPC messages of `batch` (dictionaries first, if any),
-    /// each buffer LZ4-compressed. Compressing here, before the write-ahead
-    /// log, shrinks what the log and the blob files copy (the kernel's
-    /// page-cache copy of the log was the epoch thread's largest cost), and
-    /// RocksDB does not compress blob files a second time. Chunks written
-    /// uncompressed by an older Sluice decode the same: the compression is
-    /// recorded per message.
+    /// One chunk: [`LZ4_BLOCK`], the uncompressed length (u32, little
+    /// endian), then the IPC messages of `batch` (dictionaries first, if
+    /// any) as one LZ4 block.
+    ///
+    /// Compressing here, before the write-ahead log, shrinks what the log
+    /// and the blob files copy (the kernel's page-cache copy of the log was
+    /// the epoch thread's largest cost), and RocksDB does not compress blob
+    /// files a second time. One block over the whole message rather than
+    /// IPC's own per-buffer LZ4 frames: those copied every buffer into the
+    /// frame encoder, then the compressed bytes into the message (memcpy was
+    /// a third of the epoch thread in the pass-through Kafka benchmark, as
+    /// much as the compression itself).
+    ///
+    /// Chunks written by an older Sluice — IPC messages, uncompressed or
+    /// with per-buffer frames — still decode: they start with IPC's
+    /// continuation marker, which the tag is not.
     pub fn encode(&self, batch: &RecordBatch) -> Result<Vec<u8>> {
-        let generator = IpcDataGenerator::default();
-        let options =
-            IpcWriteOptions::default().try_with_compression(Some(CompressionType::LZ4_FRAME))?;
-        let mut tracker = DictionaryTracker::new(false);
-        let (dictionaries, message) = generator.encode(
-            batch,
-            &mut tracker,
-            &options,
-            &mut IpcWriteContext::default(),
+        // A stream writer writes each Arrow buffer straight into its Vec
+        // (`IpcDataGenerator::encode` gathers them into a body Vec first, one
+        // more copy); the schema message it starts with is skipped, the
+        // codec supplies it when decoding.
+        let mut writer = StreamWriter::try_new(
+            Vec::with_capacity(batch.get_array_memory_size() + 1024),
+            &self.schema,
         )?;
-        let mut out = Vec::with_capacity(message.arrow_data.len() + 512);
-        for d in dictionaries {
-            write_message(&mut out, d, &options)?;
-        }
-        write_message(&mut out, message, &options)?;
+        let schema_len = writer.get_ref().len();
+        writer.write(batch)?;
+        let ipc = &writer.get_ref()[schema_len..];
+        let len = u32::try_from(ipc.len())
+            .map_err(|_| Error::Storage(format!("chunk of {} bytes is too large", ipc.len())))?;
+        let mut out = vec![0u8; HEADER + lz4_flex::block::get_maximum_output_size(ipc.len())];
+        out[..4].copy_from_slice(&LZ4_BLOCK);
+        out[4..HEADER].copy_from_slice(&len.to_le_bytes());
+        let n = lz4_flex::block::compress_into(ipc, &mut out[HEADER..])
+            .map_err(|e| Error::Storage(format!("compressing a chunk: {e}")))?;
+        out.truncate(HEADER + n);
         Ok(out)
     }
 
     /// The rows of a stored chunk, with the view's schema.
     pub fn decode(&self, chunk: &[u8]) -> Result<RecordBatch> {
+        let mut body = match chunk.strip_prefix(&LZ4_BLOCK) {
+            Some(rest) => {
+                let (len, block) = rest
+                    .split_first_chunk::<4>()
+                    .ok_or_else(|| Error::Storage("truncated chunk header".into()))?;
+                let len = u32::from_le_bytes(*len) as usize;
+                // LZ4 expands at most ~255-fold: a larger length is damage,
+                // not a reason to allocate it.
+                if len > block.len().saturating_mul(256) {
+                    return Err(Error::Storage(format!(
+                        "corrupt stored chunk: {} bytes cannot hold {len}",
+                        block.len()
+                    )));
+                }
+                let mut ipc = vec![0u8; len];
+                let n = lz4_flex::block::decompress_into(block, &mut ipc)
+                    .map_err(|e| Error::Storage(format!("corrupt stored chunk: {e}")))?;
+                if n != len {
+                    return Err(Error::Storage(format!(
+                        "corrupt stored chunk: {n} bytes, its header says {len}"
+                    )));
+                }
+                Buffer::from_vec(ipc)
+            }
+            None => Buffer::from(chunk),
+        };
         let mut decoder = StreamDecoder::new();
         let mut schema = self.schema_message.clone();
         if decoder.decode(&mut schema).map_err(corrupt)?.is_some() {
             return Err(Error::Storage("chunk schema message held rows".into()));
         }
-        let mut body = Buffer::from(chunk);
         while !body.is_empty() {
             if let Some(batch) = decoder.decode(&mut body).map_err(corrupt)? {
                 if !body.is_empty() {
@@ -101,6 +138,13 @@ impl ChunkCodec {
         Err(Error::Storage("truncated chunk".into()))
     }
 }
+
+/// The tag opening a chunk compressed as one LZ4 block (an IPC stream starts
+/// with `FF FF FF FF` instead).
+const LZ4_BLOCK: [u8; 4] = *b"SLZ1";
+
+/// Tag and uncompressed length.
+const HEADER: usize = 8;
 
 /// A chunk that does not decode is damaged storage, not a user error.
 fn corrupt(e: datafusion::arrow::error::ArrowError) -> Error {
@@ -118,6 +162,8 @@ mod tests {
     use datafusion::arrow::datatypes::{
         DataType, Field, Int64Type, IntervalMonthDayNano, IntervalUnit, Schema, TimeUnit,
     };
+    use datafusion::arrow::ipc::writer::IpcWriteContext;
+    use datafusion::arrow::ipc::CompressionType;
     use std::sync::Arc;
 
     fn batch() -> RecordBatch {
@@ -230,23 +276,28 @@ mod tests {
             codec.decode(&chunk).unwrap().column(0).to_data(),
             b.column(0).to_data()
         );
-        // A chunk written without compression (by an older Sluice).
+        // Chunks written by an older Sluice: plain IPC, uncompressed or
+        // with IPC's per-buffer LZ4 frames.
         let b = batch();
         let codec = ChunkCodec::new(b.schema()).unwrap();
-        let options = IpcWriteOptions::default();
-        let (_, message) = IpcDataGenerator::default()
-            .encode(
-                &b,
-                &mut DictionaryTracker::new(false),
-                &options,
-                &mut IpcWriteContext::default(),
-            )
-            .unwrap();
-        let mut old = Vec::new();
-        write_message(&mut old, message, &options).unwrap();
-        let back = codec.decode(&old).unwrap();
-        for (x, y) in b.columns().iter().zip(back.columns()) {
-            assert_eq!(x.to_data(), y.to_data());
+        for compression in [None, Some(CompressionType::LZ4_FRAME)] {
+            let options = IpcWriteOptions::default()
+                .try_with_compression(compression)
+                .unwrap();
+            let (_, message) = IpcDataGenerator::default()
+                .encode(
+                    &b,
+                    &mut DictionaryTracker::new(false),
+                    &options,
+                    &mut IpcWriteContext::default(),
+                )
+                .unwrap();
+            let mut old = Vec::new();
+            write_message(&mut old, message, &options).unwrap();
+            let back = codec.decode(&old).unwrap();
+            for (x, y) in b.columns().iter().zip(back.columns()) {
+                assert_eq!(x.to_data(), y.to_data());
+            }
         }
     }
 
@@ -255,9 +306,21 @@ mod tests {
         let b = batch();
         let codec = ChunkCodec::new(b.schema()).unwrap();
         let chunk = codec.encode(&b).unwrap();
-        for cut in [0, 3, 8, chunk.len() / 2, chunk.len() - 1] {
+        for cut in [0, 3, 6, 8, 9, chunk.len() / 2, chunk.len() - 1] {
             assert!(codec.decode(&chunk[..cut]).is_err(), "cut at {cut}");
         }
+        // A header that promises more or fewer bytes than the block holds,
+        // and a damaged block.
+        for len in [0u32, 1, u32::MAX / 16] {
+            let mut c = chunk.clone();
+            c[4..8].copy_from_slice(&len.to_le_bytes());
+            assert!(codec.decode(&c).is_err(), "length {len}");
+        }
+        let mut c = chunk.clone();
+        for byte in c[8..].iter_mut().step_by(7) {
+            *byte ^= 0x5A;
+        }
+        assert!(codec.decode(&c).is_err());
         let mut extra = chunk.clone();
         extra.extend_from_slice(&chunk);
         assert!(codec.decode(&extra).is_err());
