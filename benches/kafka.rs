@@ -27,6 +27,12 @@
 //!    topic; a client polls `SELECT m FROM fresh_mv` (the max sequence
 //!    number seen) and records, for each newly visible record, the time
 //!    since it was produced. Reports p50/p99.
+//!
+//! Rates on these shared machines move by up to 2x between runs, so each
+//! raw/(a)/(b) line also reports what the records cost in CPU: core-µs per
+//! record of this process (the consumer, or all of Sluice) and of the
+//! broker, from `/proc/<pid>/stat`. The cost moves far less than the rate
+//! and is what a change to the pipeline should lower.
 
 #[path = "../tests/common/kafka.rs"]
 mod kafka;
@@ -338,6 +344,32 @@ async fn freshness(addr: &str, rate: u64, secs: u64) -> (f64, f64, u64) {
     )
 }
 
+/// CPU time (user + system) a process has used so far, in seconds, from
+/// `/proc/<pid>/stat` (clock ticks of 10 ms).
+fn cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th of the whole line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() / 100.0
+}
+
+/// Measures `f`: its result and the core-µs per record this process and
+/// the broker spent meanwhile.
+fn costed<T>(broker: u32, n: u64, f: impl FnOnce() -> T) -> (T, f64, f64) {
+    let (me0, b0) = (cpu_secs("self"), cpu_secs(&broker.to_string()));
+    let out = f();
+    let (me1, b1) = (cpu_secs("self"), cpu_secs(&broker.to_string()));
+    let per = |d: f64| d * 1e6 / n.max(1) as f64;
+    (out, per(me1 - me0), per(b1 - b0))
+}
+
 /// The middle value (the mean of the two middle ones for an even count).
 fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();
@@ -359,7 +391,8 @@ fn main() {
     broker.create_topic("bids", PARTITIONS as u32);
     broker.create_topic("fresh", PARTITIONS as u32);
     println!(
-        "kafka: {n} Nexmark bid JSON records, {PARTITIONS} partitions, Tansu in-memory, {} cores",
+        "kafka: {n} Nexmark bid JSON records, {PARTITIONS} partitions, Tansu in-memory, {} cores; \
+         columns: step | records | s | records/s | vs raw | core-µs/record (this process + broker)",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0)
@@ -393,24 +426,27 @@ fn main() {
             "SELECT auction, count(*) AS n, sum(price) AS s, max(price) AS m FROM bids GROUP BY auction",
         ),
     ];
-    // Per part: each round's (records/s, share of that round's raw rate).
+    // Per part: each round's (records/s, share of that round's raw rate,
+    // this process's core-µs per record).
     let mut raw_rates = Vec::new();
-    let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); parts.len()];
+    let mut results: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); parts.len()];
     for round in 1..=rounds {
-        let raw = raw_consume(&addr, "bids", n);
+        let (raw, me, b) = costed(broker.pid(), n, || raw_consume(&addr, "bids", n));
         raw_rates.push(n as f64 / raw);
         println!(
-            "| round {round}: raw rdkafka consume | {n} | {raw:.2} | {:.0} | 100% |",
+            "| round {round}: raw rdkafka consume | {n} | {raw:.2} | {:.0} | 100% | {me:.2} + {b:.2} |",
             n as f64 / raw
         );
         for (i, (part, name, view)) in parts.iter().enumerate() {
             if !wanted(part) {
                 continue;
             }
-            let secs = runtime.block_on(sluice_ingest(&addr, "bids", n, view));
-            results[i].push((n as f64 / secs, raw / secs));
+            let (secs, me, b) = costed(broker.pid(), n, || {
+                runtime.block_on(sluice_ingest(&addr, "bids", n, view))
+            });
+            results[i].push((n as f64 / secs, raw / secs, me));
             println!(
-                "| round {round}: Sluice {name} | {n} | {secs:.2} | {:.0} | {:.0}% |",
+                "| round {round}: Sluice {name} | {n} | {secs:.2} | {:.0} | {:.0}% | {me:.2} + {b:.2} |",
                 n as f64 / secs,
                 100.0 * raw / secs
             );
@@ -425,9 +461,10 @@ fn main() {
             continue;
         }
         println!(
-            "| median of {rounds}: Sluice {name} | {n} | | {:.0} | {:.0}% |",
+            "| median of {rounds}: Sluice {name} | {n} | | {:.0} | {:.0}% | {:.2} |",
             median(r.iter().map(|x| x.0)),
-            100.0 * median(r.iter().map(|x| x.1))
+            100.0 * median(r.iter().map(|x| x.1)),
+            median(r.iter().map(|x| x.2))
         );
     }
     if wanted("sink") {

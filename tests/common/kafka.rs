@@ -176,6 +176,11 @@ impl Broker {
         *self = fresh;
     }
 
+    /// The broker's process id (the Kafka benchmark reads its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `host:port` for BROKERS.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
