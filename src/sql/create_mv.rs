@@ -50,7 +50,7 @@ fn check(cv: &ast::CreateView) -> Result<()> {
 /// DELETE would recompute `random()` and retract a row that was never
 /// inserted (the write failed with an internal error), and `now()` would
 /// freeze at CREATE time where the same query run in batch reads the clock.
-fn reject_nondeterministic(plan: &LogicalPlan) -> Result<()> {
+fn reject_nondeterministic(plan: &LogicalPlan, owner: MvOwner) -> Result<()> {
     let mut found = None;
     plan.apply_with_subqueries(|p| {
         p.apply_expressions(|e| {
@@ -66,10 +66,19 @@ fn reject_nondeterministic(plan: &LogicalPlan) -> Result<()> {
         })
     })?;
     match found {
-        Some(name) => Err(Error::unsupported(format!(
-            "materialized views cannot call {name}(): its result is not determined by its \
-             arguments, so the view could not stay equal to its query"
-        ))),
+        Some(name) => {
+            // Sinks and SUBSCRIBE over a query run on an internal view:
+            // name what the user wrote.
+            let what = match owner {
+                MvOwner::User => "materialized views",
+                MvOwner::Sink => "a sink's query",
+                MvOwner::Subscription => "SUBSCRIBE's query",
+            };
+            Err(Error::unsupported(format!(
+                "{what} cannot call {name}(): its result is not determined by its arguments, \
+                 so the continuously maintained result could not stay equal to the query"
+            )))
+        }
         None => Ok(()),
     }
 }
@@ -79,10 +88,11 @@ fn reject_nondeterministic(plan: &LogicalPlan) -> Result<()> {
 async fn optimized(
     engine: &Engine,
     query: &ast::Query,
+    owner: MvOwner,
 ) -> Result<(LogicalPlan, Option<Vec<String>>)> {
     let stmt = ast::Statement::Query(Box::new(query.clone()));
     let logical = engine.plan(&stmt).await?;
-    reject_nondeterministic(&logical)?;
+    reject_nondeterministic(&logical, owner)?;
     let names: Option<Vec<String>> =
         select::pg_column_names(query, logical.schema().fields().len())
             .map(|n| select::resolved_names(&n, logical.schema().as_arrow()));
@@ -118,7 +128,7 @@ pub async fn create_locked(
 ) -> Result<MvDef> {
     let mut batch = WriteBatch::default();
     let id = engine.catalog.reserve_id(&mut batch);
-    let (logical, names) = optimized(engine, query).await?;
+    let (logical, names) = optimized(engine, query, owner).await?;
     let mut state_ids = Vec::new();
     let planned = plan_view(
         &logical,
@@ -226,7 +236,7 @@ pub async fn create_locked(
 /// `EXPLAIN CREATE MATERIALIZED VIEW`: the pipeline, sink first.
 pub async fn explain(engine: &Engine, cv: &ast::CreateView) -> Result<Outcome> {
     check(cv)?;
-    let (logical, names) = optimized(engine, &cv.query).await?;
+    let (logical, names) = optimized(engine, &cv.query, MvOwner::User).await?;
     let mut next = 0u32;
     let planned = plan_view(
         &logical,
