@@ -57,6 +57,10 @@ enum Kind {
 pub struct FlatJson {
     schema: SchemaRef,
     names: Vec<Box<[u8]>>,
+    /// Per column, its name followed by the closing quote as one 16-byte
+    /// word and the mask of those bytes — for names of up to 15 plain
+    /// bytes (see [`FlatJson::key_is`]).
+    probes: Vec<Option<(u128, u128)>>,
     kinds: Vec<Kind>,
     nullable: Vec<bool>,
     /// Batches left to hand to arrow-json before trying again.
@@ -106,7 +110,23 @@ impl FlatJson {
                 _ => return None,
             });
         }
+        let probes = schema
+            .fields()
+            .iter()
+            .map(|f| {
+                let name = f.name().as_bytes();
+                if name.len() > 15 || name.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20) {
+                    return None;
+                }
+                let mut word = [0u8; 16];
+                word[..name.len()].copy_from_slice(name);
+                word[name.len()] = b'"';
+                let mask = u128::MAX >> (8 * (15 - name.len()));
+                Some((u128::from_le_bytes(word), mask))
+            })
+            .collect();
         Some(Arc::new(FlatJson {
+            probes,
             names: schema
                 .fields()
                 .iter()
@@ -175,21 +195,23 @@ impl FlatJson {
         r.expect(b'{')?;
         r.ws();
         let mut seen: u64 = 0;
-        // Producers write fields in one order: try the column after the
-        // last one first.
+        // The column after the last one is tried first.
         let mut next = 0usize;
         if !r.closes(b'}') {
             loop {
                 r.expect(b'"')?;
-                let key = r.plain_key()?;
+                // Producers write fields in one order: the expected name
+                // is usually next, checked with one 16-byte compare.
+                let (col, key) = if let Some(len) = self.key_is(next, &r) {
+                    r.i += len + 1;
+                    (Some(next), &[][..])
+                } else {
+                    let key = r.plain_key()?;
+                    (self.names.iter().position(|n| **n == *key), key)
+                };
                 r.ws();
                 r.expect(b':')?;
                 r.ws();
-                let col = if self.names.get(next).is_some_and(|n| **n == *key) {
-                    Some(next)
-                } else {
-                    self.names.iter().position(|n| **n == *key)
-                };
                 match col {
                     Some(c) => {
                         if seen & (1 << c) != 0 {
@@ -225,6 +247,18 @@ impl FlatJson {
             }
         }
         Ok(())
+    }
+
+    /// Whether the bytes at the reader (just after a key's opening quote)
+    /// are column `c`'s name and the closing quote; returns the name's
+    /// length. The name has no quote, backslash or control byte, so this
+    /// is exactly what [`Reader::plain_key`] would read. `None` also when
+    /// fewer than 16 bytes are left or the name is long: the caller takes
+    /// the general path.
+    fn key_is(&self, c: usize, r: &Reader<'_>) -> Option<usize> {
+        let (word, mask) = (*self.probes.get(c)?)?;
+        let bytes: [u8; 16] = r.b.get(r.i..r.i + 16)?.try_into().ok()?;
+        (u128::from_le_bytes(bytes) & mask == word).then(|| self.names[c].len())
     }
 
     /// Reads the value of column `c` into its builder.
@@ -862,6 +896,32 @@ mod tests {
             }
         }
         assert!(fast * 10 > total, "fast path took {fast} of {total}");
+    }
+
+    #[test]
+    fn expected_keys_are_matched_exactly() {
+        let s = Arc::new(Schema::new(vec![
+            Field::new("", DataType::Int64, true),
+            Field::new("a", DataType::Int64, true),
+            Field::new("ab", DataType::Int64, true),
+            Field::new("fifteen_bytes_x", DataType::Int64, true),
+            Field::new("sixteen_bytes_xy", DataType::Int64, true),
+            Field::new("é", DataType::Int64, true),
+        ]));
+        let flat = FlatJson::new(s.clone()).unwrap();
+        let records: Vec<&[u8]> = vec![
+            r#"{"": 1, "a": 2, "ab": 3, "fifteen_bytes_x": 4, "sixteen_bytes_xy": 5, "é": 6}"#
+                .as_bytes(),
+            // A key extending the expected name, a key the expected name
+            // extends, and names out of order.
+            br#"{"a": 1, "abc": 2, "ab": 3, "fifteen_bytes": 4, "fifteen_bytes_xy": 5}"#,
+            br#"{"sixteen_bytes_xy": 1, "fifteen_bytes_x": 2, "": 3, "ab": 4, "a": 5}"#,
+            // The expected name at the very end (fewer than 16 bytes left).
+            br#"{"":0,"a":1}"#,
+            br#"{"a":1,"ab":2}"#,
+        ];
+        let ours = flat.decode(&records).expect("the fast path takes these");
+        assert_eq!(Some(ours), arrow_json(&s, &records));
     }
 
     #[test]

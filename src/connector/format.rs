@@ -416,8 +416,8 @@ impl RecordDecoder {
             }
         }
         let refs: Vec<RecordRef<'_>> = good.iter().map(|(_, r)| *r).collect();
-        let (values, good) = match self.decode_values(&refs) {
-            Ok(v) => (v, good),
+        let (values, good, refs) = match self.decode_values(&refs) {
+            Ok(v) => (v, good, refs),
             Err(_) => {
                 // Find the culprits: one record at a time.
                 let mut parts = Vec::new();
@@ -432,10 +432,10 @@ impl RecordDecoder {
                     }
                 }
                 let schema = self.value_schema();
-                (concat_batches(&schema, &parts)?, kept)
+                let refs = kept.iter().map(|(_, r)| *r).collect();
+                (concat_batches(&schema, &parts)?, kept, refs)
             }
         };
-        let refs: Vec<RecordRef<'_>> = good.iter().map(|(_, r)| *r).collect();
         let mut columns: Vec<ArrayRef> = values.columns().to_vec();
         for m in &self.include {
             columns.push(meta_column(*m, &refs));
