@@ -109,6 +109,7 @@ impl Engine {
         ));
 
         ctx.register_udf(crate::query::functions::bytea_in_udf());
+        ctx.register_udf(crate::query::functions::pg_sleep_udf());
         ctx.register_udf(crate::query::functions::interval_in_udf());
         ctx.add_analyzer_rule(Arc::new(crate::query::functions::PgTextInput::default()));
 

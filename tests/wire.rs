@@ -248,11 +248,7 @@ async fn extended_protocol_describe_portals_and_errors() {
 #[tokio::test]
 async fn cancel_request_stops_a_running_query() {
     let (_d, _s, c) = setup().await;
-    let token = c.cancel_token();
-    let canceller = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    });
+    let canceller = cancel_after(&c, Duration::from_millis(500));
     let started = std::time::Instant::now();
     let e = tokio::time::timeout(
         Duration::from_secs(60),
@@ -265,6 +261,38 @@ async fn cancel_request_stops_a_running_query() {
     assert!(err_text(&e).starts_with("57014"), "{}", err_text(&e));
     assert!(started.elapsed() < Duration::from_secs(30));
     // The connection is still usable.
+    c.simple_query("SELECT 1").await.unwrap();
+}
+
+/// Sends a cancel request for `c`'s running query after `after`.
+fn cancel_after(c: &tokio_postgres::Client, after: Duration) -> tokio::task::JoinHandle<()> {
+    let token = c.cancel_token();
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    })
+}
+
+/// `pg_sleep` waits on a timer; a cancel request (here on the extended
+/// protocol) ends the wait at once, with 57014.
+#[tokio::test]
+async fn cancel_request_stops_pg_sleep() {
+    let (_d, _s, c) = setup().await;
+    let started = std::time::Instant::now();
+    c.simple_query("SELECT pg_sleep(0.3)").await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let canceller = cancel_after(&c, Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let e = tokio::time::timeout(
+        Duration::from_secs(60),
+        c.query("SELECT pg_sleep($1::float8)", &[&600.0f64]),
+    )
+    .await
+    .expect("cancel did not stop pg_sleep")
+    .unwrap_err();
+    canceller.await.unwrap();
+    assert!(err_text(&e).starts_with("57014"), "{}", err_text(&e));
+    assert!(started.elapsed() < Duration::from_secs(30));
     c.simple_query("SELECT 1").await.unwrap();
 }
 

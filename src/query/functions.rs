@@ -11,6 +11,10 @@
 //! coercion, that replaces every `CAST(<text> AS bytea)` with
 //! `pg_bytea_in(<text>)` and every `CAST(<text> AS interval)` with
 //! `pg_interval_in(<text>)`, which parse PostgreSQL's formats.
+//!
+//! [`pg_sleep_udf`] is PostgreSQL's `pg_sleep(seconds)`, which clients and
+//! scripts use to wait (and tests of query cancellation, to have a query
+//! that runs for a while).
 
 use std::sync::Arc;
 
@@ -20,8 +24,10 @@ use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::logical_expr::async_udf::{AsyncScalarUDF, AsyncScalarUDFImpl};
 use datafusion::logical_expr::{
-    create_udf, ColumnarValue, Expr, ExprSchemable, LogicalPlan, ScalarUDF, Volatility,
+    create_udf, ColumnarValue, Expr, ExprSchemable, LogicalPlan, ScalarFunctionArgs, ScalarUDF,
+    ScalarUDFImpl, Signature, Volatility,
 };
 use datafusion::optimizer::AnalyzerRule;
 
@@ -113,6 +119,82 @@ fn text_input_udf(
             })
         }),
     )
+}
+
+/// `pg_sleep(seconds double precision)`: waits that long (the sum over the
+/// rows it is called for, as PostgreSQL does row by row; negative, NULL and
+/// NaN count as zero), then returns NULL — PostgreSQL's `void`. It is an
+/// async function: the wait is a tokio timer, so it holds no thread and a
+/// cancelled query (cancel request, closed connection) stops waiting. It is
+/// volatile, so materialized views refuse it.
+pub fn pg_sleep_udf() -> ScalarUDF {
+    AsyncScalarUDF::new(Arc::new(PgSleep {
+        signature: Signature::uniform(1, vec![DataType::Float64], Volatility::Volatile),
+    }))
+    .into_scalar_udf()
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct PgSleep {
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for PgSleep {
+    fn name(&self) -> &str {
+        "pg_sleep"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _args: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Null)
+    }
+
+    fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        // DataFusion's planner runs async functions through
+        // `invoke_async_with_args`; this is never reached.
+        Err(DataFusionError::Internal(
+            "pg_sleep must be invoked asynchronously".into(),
+        ))
+    }
+}
+
+#[async_trait::async_trait]
+impl AsyncScalarUDFImpl for PgSleep {
+    async fn invoke_async_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let arg = args
+            .args
+            .first()
+            .ok_or_else(|| DataFusionError::Internal("pg_sleep takes one argument".into()))?;
+        // Called once per batch: a constant argument still waits once per
+        // row, as in PostgreSQL.
+        let rows = args.number_rows;
+        let seconds = match arg {
+            ColumnarValue::Array(a) => a.clone(),
+            ColumnarValue::Scalar(s) => s.to_array_of_size(rows)?,
+        };
+        let seconds = datafusion::arrow::compute::cast(&seconds, &DataType::Float64)?;
+        let total: f64 = seconds
+            .as_primitive::<datafusion::arrow::datatypes::Float64Type>()
+            .iter()
+            .flatten()
+            .filter(|s| *s > 0.0)
+            .sum();
+        // A wait past what a Duration holds (or infinity) is "forever" in
+        // any practical sense; a day at a time keeps it cancellable.
+        if let Ok(wait) = std::time::Duration::try_from_secs_f64(total) {
+            tokio::time::sleep(wait).await;
+        } else if total > 0.0 {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(86_400)).await;
+            }
+        }
+        Ok(ColumnarValue::Array(
+            datafusion::arrow::array::new_null_array(&DataType::Null, rows),
+        ))
+    }
 }
 
 /// The `pg_bytea_in(text) → bytea` function.
