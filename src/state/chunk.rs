@@ -54,7 +54,8 @@ impl ChunkCodec {
 
     /// One chunk: [`LZ4_BLOCK`], the uncompressed length (u32, little
     /// endian), then the IPC messages of `batch` (dictionaries first, if
-    /// any) as one LZ4 block.
+    /// any) as one LZ4 block — or, past [`MAX_BLOCK`] bytes, those IPC
+    /// messages uncompressed.
     ///
     /// Compressing here, before the write-ahead log, shrinks what the log
     /// and the blob files copy (the kernel's page-cache copy of the log was
@@ -69,6 +70,12 @@ impl ChunkCodec {
     /// with per-buffer frames — still decode: they start with IPC's
     /// continuation marker, which the tag is not.
     pub fn encode(&self, batch: &RecordBatch) -> Result<Vec<u8>> {
+        self.encode_within(batch, MAX_BLOCK)
+    }
+
+    /// [`ChunkCodec::encode`], storing IPC messages of more than `limit`
+    /// bytes uncompressed (the older form, which still decodes).
+    fn encode_within(&self, batch: &RecordBatch, limit: usize) -> Result<Vec<u8>> {
         // A stream writer writes each Arrow buffer straight into its Vec
         // (`IpcDataGenerator::encode` gathers them into a body Vec first, one
         // more copy); the schema message it starts with is skipped, the
@@ -80,6 +87,9 @@ impl ChunkCodec {
         let schema_len = writer.get_ref().len();
         writer.write(batch)?;
         let ipc = &writer.get_ref()[schema_len..];
+        if ipc.len() > limit {
+            return Ok(ipc.to_vec());
+        }
         let len = u32::try_from(ipc.len())
             .map_err(|_| Error::Storage(format!("chunk of {} bytes is too large", ipc.len())))?;
         let mut out = vec![0u8; HEADER + lz4_flex::block::get_maximum_output_size(ipc.len())];
@@ -145,6 +155,10 @@ const LZ4_BLOCK: [u8; 4] = *b"SLZ1";
 
 /// Tag and uncompressed length.
 const HEADER: usize = 8;
+
+/// Larger chunks (an epoch of huge rows) are stored uncompressed: the
+/// length field is 32 bits and LZ4 implementations cap a block near 2 GiB.
+const MAX_BLOCK: usize = 1 << 30;
 
 /// A chunk that does not decode is damaged storage, not a user error.
 fn corrupt(e: datafusion::arrow::error::ArrowError) -> Error {
@@ -299,6 +313,19 @@ mod tests {
                 assert_eq!(x.to_data(), y.to_data());
             }
         }
+    }
+
+    #[test]
+    fn chunks_past_the_block_limit_are_stored_uncompressed() {
+        let b = batch();
+        let codec = ChunkCodec::new(b.schema()).unwrap();
+        let plain = codec.encode_within(&b, 0).unwrap();
+        assert_eq!(plain[..4], [0xFF; 4], "plain IPC");
+        let back = codec.decode(&plain).unwrap();
+        for (x, y) in b.columns().iter().zip(back.columns()) {
+            assert_eq!(x.to_data(), y.to_data());
+        }
+        assert_eq!(codec.encode(&b).unwrap()[..4], LZ4_BLOCK);
     }
 
     #[test]
