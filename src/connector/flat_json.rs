@@ -18,7 +18,7 @@
 //! arrow-json would have produced; `tests` check that against arrow-json
 //! over random records. After a declined batch it steps aside for a while,
 //! so a topic whose records never fit costs one failed attempt in
-//! [`RETRY_AFTER`] batches.
+//! `RETRY_AFTER` (64) batches.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

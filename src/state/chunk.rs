@@ -52,9 +52,9 @@ impl ChunkCodec {
         })
     }
 
-    /// One chunk: [`LZ4_BLOCK`], the uncompressed length (u32, little
+    /// One chunk: the tag `LZ4_BLOCK`, the uncompressed length (u32, little
     /// endian), then the IPC messages of `batch` (dictionaries first, if
-    /// any) as one LZ4 block — or, past [`MAX_BLOCK`] bytes, those IPC
+    /// any) as one LZ4 block — or, past `MAX_BLOCK` bytes, those IPC
     /// messages uncompressed.
     ///
     /// Compressing here, before the write-ahead log, shrinks what the log
