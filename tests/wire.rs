@@ -248,29 +248,12 @@ async fn extended_protocol_describe_portals_and_errors() {
 #[tokio::test]
 async fn cancel_request_stops_a_running_query() {
     let (_d, _s, c) = setup().await;
-    let canceller = cancel_after(&c, Duration::from_millis(500));
-    let started = std::time::Instant::now();
-    let e = tokio::time::timeout(
-        Duration::from_secs(60),
+    assert_cancelled(
+        &c,
+        Duration::from_millis(500),
         c.simple_query("SELECT count(*) FROM generate_series(1, 100000) a(x), generate_series(1, 100000) b(y) WHERE a.x * b.y = 7"),
     )
-    .await
-    .expect("cancel did not stop the query")
-    .unwrap_err();
-    canceller.await.unwrap();
-    assert!(err_text(&e).starts_with("57014"), "{}", err_text(&e));
-    assert!(started.elapsed() < Duration::from_secs(30));
-    // The connection is still usable.
-    c.simple_query("SELECT 1").await.unwrap();
-}
-
-/// Sends a cancel request for `c`'s running query after `after`.
-fn cancel_after(c: &tokio_postgres::Client, after: Duration) -> tokio::task::JoinHandle<()> {
-    let token = c.cancel_token();
-    tokio::spawn(async move {
-        tokio::time::sleep(after).await;
-        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    })
+    .await;
 }
 
 /// `pg_sleep` waits on a timer; a cancel request (here on the extended
@@ -281,15 +264,32 @@ async fn cancel_request_stops_pg_sleep() {
     let started = std::time::Instant::now();
     c.simple_query("SELECT pg_sleep(0.3)").await.unwrap();
     assert!(started.elapsed() >= Duration::from_millis(300));
-    let canceller = cancel_after(&c, Duration::from_millis(300));
-    let started = std::time::Instant::now();
-    let e = tokio::time::timeout(
-        Duration::from_secs(60),
+    assert_cancelled(
+        &c,
+        Duration::from_millis(300),
         c.query("SELECT pg_sleep($1::float8)", &[&600.0f64]),
     )
-    .await
-    .expect("cancel did not stop pg_sleep")
-    .unwrap_err();
+    .await;
+}
+
+/// Runs `query` on `c` with a cancel request sent after `after`: it must
+/// fail with 57014 within 30 s, and the connection stay usable.
+async fn assert_cancelled<T>(
+    c: &tokio_postgres::Client,
+    after: Duration,
+    query: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) {
+    let token = c.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    });
+    let started = std::time::Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(60), query)
+        .await
+        .expect("cancel did not stop the query")
+        .err()
+        .expect("the query must fail");
     canceller.await.unwrap();
     assert!(err_text(&e).starts_with("57014"), "{}", err_text(&e));
     assert!(started.elapsed() < Duration::from_secs(30));

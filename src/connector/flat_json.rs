@@ -404,8 +404,8 @@ impl Text {
 }
 
 /// The index of the first byte of `s` that ends a plain run of JSON string
-/// content: a quote, a backslash or a control byte (< 0x20, which JSON wants escaped).
-/// Eight bytes at a time: with the borrow trick, `(x - 0x01…) & !x & 0x80…`
+/// content: a quote, a backslash or a control byte (< 0x20, which JSON
+/// wants escaped). Eight bytes at a time: with the borrow trick, `(x - 0x01…) & !x & 0x80…`
 /// is non-zero exactly when some byte of `x` is zero, and `(x - 0x20…) &
 /// !x & 0x80…` when some byte is below 0x20; a word with a hit is searched
 /// byte by byte. One pass instead of a `memchr2` for the quote plus a scan

@@ -15,10 +15,10 @@
 //! [`mod@format`] (flat JSON objects by [`flat_json`]). Sinks ([`sink`])
 //! write a relation's changes to Kafka in a [`sink_format`]. The module
 //! speaks Arrow and knows nothing of SQL: it imports neither the catalog
-//! (which imports connector types) nor any layer above. Sink formats work from a relation's Arrow
-//! schema (an Avro schema is derived from, and checked against, its fields'
-//! types) and write TEXT with the leaf [`crate::pgtext`], the PostgreSQL
-//! text form the wire layer sends too.
+//! (which imports connector types) nor any layer above. Sink formats work
+//! from a relation's Arrow schema (an Avro schema is derived from, and
+//! checked against, its fields' types) and write TEXT with the leaf
+//! [`crate::pgtext`], the PostgreSQL text form the wire layer sends too.
 
 pub mod avro;
 pub mod flat_json;

@@ -352,56 +352,27 @@ impl Out {
     fn array(ty: &DataType, values: Vec<Out>) -> Result<ArrayRef> {
         use datafusion::arrow::array::{BooleanArray, Decimal128Array, Float64Array, Int64Array};
         let wrong = |v: &Out| Error::Internal(format!("aggregate value {v:?} is not of {ty}"));
-        // The values of an unboxed type, each NULL or `pick`ed.
-        fn unboxed<T, A: FromIterator<Option<T>>>(
-            values: Vec<Out>,
-            pick: impl Fn(&Out) -> Option<T>,
-            wrong: impl Fn(&Out) -> Error,
-        ) -> Result<A> {
-            values
-                .into_iter()
-                .map(|v| match v {
-                    Out::Null => Ok(None),
-                    v => pick(&v).map(Some).ok_or_else(|| wrong(&v)),
-                })
-                .collect()
+        // The values of an unboxed type as array `$array`: each NULL or
+        // of variant `$variant`.
+        macro_rules! unboxed {
+            ($array:ty, $variant:ident) => {
+                values
+                    .into_iter()
+                    .map(|v| match v {
+                        Out::Null => Ok(None),
+                        Out::$variant(x) => Ok(Some(x)),
+                        v => Err(wrong(&v)),
+                    })
+                    .collect::<Result<$array>>()?
+            };
         }
         Ok(match ty {
-            DataType::Int64 => Arc::new(unboxed::<_, Int64Array>(
-                values,
-                |v| match v {
-                    Out::Int(x) => Some(*x),
-                    _ => None,
-                },
-                wrong,
-            )?),
-            DataType::Float64 => Arc::new(unboxed::<_, Float64Array>(
-                values,
-                |v| match v {
-                    Out::Float(x) => Some(*x),
-                    _ => None,
-                },
-                wrong,
-            )?),
-            DataType::Boolean => Arc::new(unboxed::<_, BooleanArray>(
-                values,
-                |v| match v {
-                    Out::Bool(x) => Some(*x),
-                    _ => None,
-                },
-                wrong,
-            )?),
-            DataType::Decimal128(p, s) => Arc::new(
-                unboxed::<_, Decimal128Array>(
-                    values,
-                    |v| match v {
-                        Out::Wide(x) => Some(*x),
-                        _ => None,
-                    },
-                    wrong,
-                )?
-                .with_precision_and_scale(*p, *s)?,
-            ),
+            DataType::Int64 => Arc::new(unboxed!(Int64Array, Int)),
+            DataType::Float64 => Arc::new(unboxed!(Float64Array, Float)),
+            DataType::Boolean => Arc::new(unboxed!(BooleanArray, Bool)),
+            DataType::Decimal128(p, s) => {
+                Arc::new(unboxed!(Decimal128Array, Wide).with_precision_and_scale(*p, *s)?)
+            }
             _ => {
                 let null = ScalarValue::try_from(ty)?;
                 let scalars = values

@@ -171,11 +171,7 @@ impl AsyncScalarUDFImpl for PgSleep {
         // Called once per batch: a constant argument still waits once per
         // row, as in PostgreSQL.
         let rows = args.number_rows;
-        let seconds = match arg {
-            ColumnarValue::Array(a) => a.clone(),
-            ColumnarValue::Scalar(s) => s.to_array_of_size(rows)?,
-        };
-        let seconds = datafusion::arrow::compute::cast(&seconds, &DataType::Float64)?;
+        let seconds = datafusion::arrow::compute::cast(&arg.to_array(rows)?, &DataType::Float64)?;
         let total: f64 = seconds
             .as_primitive::<datafusion::arrow::datatypes::Float64Type>()
             .iter()
