@@ -507,10 +507,6 @@ impl Materialize {
     /// Appends the rows of an insert-only delta as one chunk (a row of
     /// weight w is stored w times).
     fn append_chunk(&mut self, input: &ChangeBatch, ctx: &mut OpCtx<'_>) -> Result<()> {
-        let codec = self
-            .chunks
-            .as_ref()
-            .ok_or_else(|| Error::Internal("chunked view without a codec".into()))?;
         let weights = input.weights.values();
         // A weight-0 row is stored zero times, as in the per-row layout.
         if let Some(w) = weights.iter().find(|&&w| w < 0) {
@@ -533,9 +529,14 @@ impl Materialize {
             return Ok(());
         }
         let (counter, next) = self.row_ids(ctx)?;
+        let chunk = self
+            .chunks
+            .as_mut()
+            .ok_or_else(|| Error::Internal("chunked view without a codec".into()))?
+            .encode(&rows)?;
         let mut key = table_prefix(self.id).to_vec();
         key.extend_from_slice(&next.to_be_bytes());
-        ctx.put_blind(&key, &codec.encode(&rows)?);
+        ctx.put_blind(&key, chunk);
         let next = next + rows.num_rows() as u64;
         ctx.put(counter, next.to_be_bytes().to_vec());
         // If this commit is abandoned the ids are skipped, never reused.

@@ -29,12 +29,43 @@ use datafusion::arrow::ipc::writer::{
 use crate::error::{Error, Result};
 
 /// Encodes and decodes the chunks of one view.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ChunkCodec {
     schema: SchemaRef,
     /// The IPC schema message of `schema`, fed to each decoder first.
     schema_message: Buffer,
+    /// Encoding buffers, kept between commits.
+    scratch: Scratch,
 }
+
+/// The IPC and compressed bytes of the last chunk encoded.
+///
+/// Why keep them: a pass-through view over a busy source encodes a chunk of
+/// ~12 MB every commit. Fresh buffers that size are fresh pages — the
+/// kernel zeroes each (2 MiB transparent huge pages, here) on first touch,
+/// and a zero-filled output buffer was memset once more: together a fifth
+/// of the epoch thread in the Kafka benchmark (docs/benchmarks.md). Kept
+/// buffers are already mapped. Buffers that grew past [`RETAIN`] bytes are
+/// dropped at the next encode, so one huge commit does not pin its memory.
+#[derive(Default)]
+struct Scratch {
+    ipc: Vec<u8>,
+    /// Its length is the largest block bound needed so far: only growth
+    /// writes zeros.
+    out: Vec<u8>,
+}
+
+impl std::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scratch")
+            .field("ipc", &self.ipc.capacity())
+            .field("out", &self.out.capacity())
+            .finish()
+    }
+}
+
+/// Encoding buffers larger than this are not kept for the next chunk.
+const RETAIN: usize = 32 << 20;
 
 impl ChunkCodec {
     /// A codec for rows of `schema`.
@@ -49,13 +80,15 @@ impl ChunkCodec {
         Ok(ChunkCodec {
             schema,
             schema_message: Buffer::from_vec(out),
+            scratch: Scratch::default(),
         })
     }
 
     /// One chunk: the tag `LZ4_BLOCK`, the uncompressed length (u32, little
     /// endian), then the IPC messages of `batch` (dictionaries first, if
     /// any) as one LZ4 block — or, past `MAX_BLOCK` bytes, those IPC
-    /// messages uncompressed.
+    /// messages uncompressed. The bytes live in the codec's buffers until
+    /// the next call.
     ///
     /// Compressing here, before the write-ahead log, shrinks what the log
     /// and the blob files copy (the kernel's page-cache copy of the log was
@@ -69,36 +102,45 @@ impl ChunkCodec {
     /// Chunks written by an older Sluice — IPC messages, uncompressed or
     /// with per-buffer frames — still decode: they start with IPC's
     /// continuation marker, which the tag is not.
-    pub fn encode(&self, batch: &RecordBatch) -> Result<Vec<u8>> {
+    pub fn encode(&mut self, batch: &RecordBatch) -> Result<&[u8]> {
         self.encode_within(batch, MAX_BLOCK)
     }
 
     /// [`ChunkCodec::encode`], storing IPC messages of more than `limit`
     /// bytes uncompressed (the older form, which still decodes).
-    fn encode_within(&self, batch: &RecordBatch, limit: usize) -> Result<Vec<u8>> {
-        // A stream writer writes each Arrow buffer straight into its Vec
+    fn encode_within(&mut self, batch: &RecordBatch, limit: usize) -> Result<&[u8]> {
+        let Scratch { ipc, out } = &mut self.scratch;
+        if ipc.capacity() > RETAIN || out.capacity() > RETAIN {
+            *ipc = Vec::new();
+            *out = Vec::new();
+        }
+        ipc.clear();
+        ipc.reserve(batch.get_array_memory_size() + 1024);
+        // A stream writer writes each Arrow buffer straight into the Vec
         // (`IpcDataGenerator::encode` gathers them into a body Vec first, one
         // more copy); the schema message it starts with is skipped, the
         // codec supplies it when decoding.
-        let mut writer = StreamWriter::try_new(
-            Vec::with_capacity(batch.get_array_memory_size() + 1024),
-            &self.schema,
-        )?;
-        let schema_len = writer.get_ref().len();
-        writer.write(batch)?;
-        let ipc = &writer.get_ref()[schema_len..];
+        let schema_len = {
+            let mut writer = StreamWriter::try_new(&mut *ipc, &self.schema)?;
+            let schema_len = writer.get_ref().len();
+            writer.write(batch)?;
+            schema_len
+        };
+        let ipc = &ipc[schema_len..];
         if ipc.len() > limit {
-            return Ok(ipc.to_vec());
+            return Ok(ipc);
         }
         let len = u32::try_from(ipc.len())
             .map_err(|_| Error::Storage(format!("chunk of {} bytes is too large", ipc.len())))?;
-        let mut out = vec![0u8; HEADER + lz4_flex::block::get_maximum_output_size(ipc.len())];
+        let need = HEADER + lz4_flex::block::get_maximum_output_size(ipc.len());
+        if out.len() < need {
+            out.resize(need, 0);
+        }
         out[..4].copy_from_slice(&LZ4_BLOCK);
         out[4..HEADER].copy_from_slice(&len.to_le_bytes());
         let n = lz4_flex::block::compress_into(ipc, &mut out[HEADER..])
             .map_err(|e| Error::Storage(format!("compressing a chunk: {e}")))?;
-        out.truncate(HEADER + n);
-        Ok(out)
+        Ok(&out[..HEADER + n])
     }
 
     /// The rows of a stored chunk, with the view's schema.
@@ -255,8 +297,8 @@ mod tests {
     #[test]
     fn chunks_round_trip_every_column_kind_and_nulls() {
         let b = batch();
-        let codec = ChunkCodec::new(b.schema()).unwrap();
-        let chunk = codec.encode(&b).unwrap();
+        let mut codec = ChunkCodec::new(b.schema()).unwrap();
+        let chunk = codec.encode(&b).unwrap().to_vec();
         let back = codec.decode(&chunk).unwrap();
         assert_eq!(back.num_rows(), 3);
         for (x, y) in b.columns().iter().zip(back.columns()) {
@@ -264,9 +306,48 @@ mod tests {
         }
         // A slice (what a LIMIT or an offset read would store) as well.
         let sliced = b.slice(1, 2);
-        let back = codec.decode(&codec.encode(&sliced).unwrap()).unwrap();
+        let chunk = codec.encode(&sliced).unwrap().to_vec();
+        let back = codec.decode(&chunk).unwrap();
         assert_eq!(back.num_rows(), 2);
         assert_eq!(back.column(1).to_data(), sliced.column(1).to_data());
+    }
+
+    /// The codec's kept buffers never leak one chunk's bytes into the next:
+    /// a small chunk after a large one, the same chunk twice, and chunks
+    /// after buffers past `RETAIN` were dropped all encode as a fresh codec
+    /// encodes them.
+    #[test]
+    fn kept_buffers_do_not_change_the_chunks() {
+        let schema = Arc::new(Schema::new(vec![Field::new("s", DataType::Utf8, false)]));
+        let rows = |n: usize, width: usize| {
+            let text: Vec<String> = (0..n)
+                .map(|i| format!("{i:0width$}-{}", i * 7919 % 104729))
+                .collect();
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(text))]).unwrap()
+        };
+        let fresh = |b: &RecordBatch| {
+            ChunkCodec::new(schema.clone())
+                .unwrap()
+                .encode(b)
+                .unwrap()
+                .to_vec()
+        };
+        let mut codec = ChunkCodec::new(schema.clone()).unwrap();
+        // The last one's IPC is past RETAIN: kept, used, dropped next time.
+        for b in [
+            rows(20_000, 12),
+            rows(3, 1),
+            rows(3, 1),
+            rows(5_000, 40),
+            rows(1_200_000, 24),
+            rows(10, 2),
+        ] {
+            let chunk = codec.encode(&b).unwrap().to_vec();
+            assert_eq!(chunk, fresh(&b), "{} rows", b.num_rows());
+            let back = codec.decode(&chunk).unwrap();
+            assert_eq!(back.column(0).to_data(), b.column(0).to_data());
+        }
+        assert!(codec.scratch.ipc.capacity() <= RETAIN);
     }
 
     #[test]
@@ -279,8 +360,8 @@ mod tests {
             .collect();
         let b =
             RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(text))]).unwrap();
-        let codec = ChunkCodec::new(schema).unwrap();
-        let chunk = codec.encode(&b).unwrap();
+        let mut codec = ChunkCodec::new(schema).unwrap();
+        let chunk = codec.encode(&b).unwrap().to_vec();
         assert!(
             chunk.len() * 4 < b.get_array_memory_size(),
             "{} bytes",
@@ -318,8 +399,8 @@ mod tests {
     #[test]
     fn chunks_past_the_block_limit_are_stored_uncompressed() {
         let b = batch();
-        let codec = ChunkCodec::new(b.schema()).unwrap();
-        let plain = codec.encode_within(&b, 0).unwrap();
+        let mut codec = ChunkCodec::new(b.schema()).unwrap();
+        let plain = codec.encode_within(&b, 0).unwrap().to_vec();
         assert_eq!(plain[..4], [0xFF; 4], "plain IPC");
         let back = codec.decode(&plain).unwrap();
         for (x, y) in b.columns().iter().zip(back.columns()) {
@@ -331,8 +412,8 @@ mod tests {
     #[test]
     fn damaged_chunks_are_errors_not_panics() {
         let b = batch();
-        let codec = ChunkCodec::new(b.schema()).unwrap();
-        let chunk = codec.encode(&b).unwrap();
+        let mut codec = ChunkCodec::new(b.schema()).unwrap();
+        let chunk = codec.encode(&b).unwrap().to_vec();
         for cut in [0, 3, 6, 8, 9, chunk.len() / 2, chunk.len() - 1] {
             assert!(codec.decode(&chunk[..cut]).is_err(), "cut at {cut}");
         }
